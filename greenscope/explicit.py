@@ -1,0 +1,171 @@
+"""``greenscope.scope()``: an explicit scope for a request, a job, or any block of work.
+
+Greenlet scope is not request scope: gevent's pywsgi and gunicorn's gevent worker serve every
+request of a keep-alive connection in one greenlet, and a job loop lives for hours. Inside
+``with greenscope.scope():`` every greenscope registry hands out a fresh session, and at exit
+(also on an exception) those sessions are closed and removed. Scopes nest; leaving an inner
+scope never touches the outer scope's session. A scope belongs to the greenlet or task that
+opened it: child greenlets and tasks get their own sessions.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+from types import TracebackType
+from typing import Any, Awaitable, Callable, List, Optional, Tuple, Type, TypeVar, cast
+
+from . import _closing
+from .registry import _all_registries
+from .scoping import ScopeKey, _get_running_loop, current_owner, scope_var
+
+__all__ = ["scope"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_VarTokens = List[Tuple["contextvars.ContextVar[Any]", "contextvars.Token[Any]"]]
+
+
+class scope:
+    """Open an explicit scope: ``with``, ``async with``, or as a decorator.
+
+    ``__enter__`` returns the scope's key (what :func:`greenscope.current_scope` returns inside).
+    At exit every session created inside is closed - awaited for ``AsyncSession`` under
+    ``async with`` - and removed from its registry.
+
+    Example::
+
+        >>> from sqlalchemy import create_engine
+        >>> from sqlalchemy.orm import sessionmaker
+        >>> import greenscope
+        >>> Session = greenscope.scoped_session(sessionmaker(create_engine("sqlite://")))
+        >>> outer = Session()
+        >>> with greenscope.scope():
+        ...     inner = Session()
+        ...     inner is outer
+        False
+        >>> Session() is outer
+        True
+        >>> @greenscope.scope()
+        ... def job():
+        ...     return Session()
+        >>> job() is not job()
+        True
+    """
+
+    __slots__ = ("_key", "_scope_token", "_var_tokens")
+
+    def __init__(self) -> None:
+        self._key: Optional[ScopeKey] = None
+        self._scope_token: Optional[contextvars.Token[Optional[ScopeKey]]] = None
+        self._var_tokens: _VarTokens = []
+
+    # -- the with / async with protocol -------------------------------------------------
+
+    def __enter__(self) -> ScopeKey:
+        if self._key is not None:
+            raise RuntimeError("this greenscope.scope() is already open; create a new one")
+        key = self._key = ScopeKey(current_owner())
+        self._scope_token = scope_var.set(key)
+        # Hide every registry's fast-path cache, so the outer scope's session is not found.
+        self._var_tokens = [
+            (r._var, r._var.set(None)) for r in list(_all_registries) if r._var is not None
+        ]
+        return key
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        first_error: Optional[BaseException] = None
+        for value in self._leave():
+            try:
+                awaitable = _close_raising(value)
+            except Exception as error:
+                _closing.log.exception("greenscope: error closing %r at scope exit", value)
+                first_error = first_error or error
+                continue
+            if awaitable is not None:  # an AsyncSession left in a sync `with`: close on its loop
+                _closing.close_on_loop_awaitable(value, awaitable, _get_running_loop())
+        if first_error is not None and exc_type is None:
+            raise first_error
+
+    async def __aenter__(self) -> ScopeKey:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        first_error: Optional[BaseException] = None
+        for value in self._leave():
+            try:
+                awaitable = _close_raising(value)
+                if awaitable is not None:
+                    await awaitable
+            except Exception as error:
+                _closing.log.exception("greenscope: error closing %r at scope exit", value)
+                first_error = first_error or error
+        if first_error is not None and exc_type is None:
+            raise first_error
+
+    def _leave(self) -> List[Any]:
+        """Drop this scope's entries and restore the caller's context; return values to close."""
+        key = self._key
+        if key is None:
+            raise RuntimeError("this greenscope.scope() is not open")
+        values = [end() for end in reversed(key._ends)]
+        key._ends.clear()
+        restored = set()
+        for var, token in reversed(self._var_tokens):
+            _reset(var, token)
+            restored.add(var)
+        for registry in list(_all_registries):  # registries created inside the scope
+            var = registry._var
+            if var is not None and var not in restored and var.get() is not None:
+                var.set(None)
+        if self._scope_token is not None:
+            _reset(scope_var, self._scope_token)
+        self._key = self._scope_token = None
+        self._var_tokens = []
+        return [value for value in values if value is not None]
+
+    # -- the decorator ------------------------------------------------------------------
+
+    def __call__(self, fn: _F) -> _F:
+        """Run every call of ``fn`` in a fresh scope (``async with`` for coroutine functions)."""
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def run_async(*args: Any, **kwargs: Any) -> Any:
+                async with scope():
+                    return await fn(*args, **kwargs)
+
+            return cast(_F, run_async)
+
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with scope():
+                return fn(*args, **kwargs)
+
+        return cast(_F, run)
+
+
+def _close_raising(value: Any) -> Optional[Awaitable[Any]]:
+    close = getattr(value, "close", None)
+    if close is None:
+        return None
+    result = close()
+    return result if inspect.isawaitable(result) else None
+
+
+def _reset(var: contextvars.ContextVar[Any], token: contextvars.Token[Any]) -> None:
+    try:
+        var.reset(token)
+    except ValueError:  # exited in another context than it was entered in
+        old = token.old_value
+        var.set(None if old is contextvars.Token.MISSING else old)

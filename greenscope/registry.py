@@ -1,0 +1,383 @@
+"""``WeakScopeRegistry``: SQLAlchemy's ``ScopedRegistry`` with weak keys and end hooks.
+
+The data structure, for one registry::
+
+    registry._entries : id(key) -> _Entry(key_ref=weakref(key), value, fast)
+    registry.registry : key -> value            (keys that cannot be weakly referenced)
+    registry._var     : ContextVar -> _Fast(owner, value)   (default scope only)
+
+``_entries`` is the truth: one entry per live scope, found by ``id(key)`` and then verified by
+identity through the weak reference (rule 1: an id alone is only a hint, ids are reused).
+Nothing in it holds a key strongly, so a key that dies takes its entry with it.
+
+``_var`` is a per-context cache for the hot path. Every greenlet and task has its own
+contextvars context, so ``var.get()`` (a few nanoseconds) finds this context's ``_Fast``;
+it is trusted only if its ``owner`` is the greenlet (no loop running) or the task (loop
+running) asking, because asyncio child tasks and ``asyncio.to_thread`` run in *copies* of
+their creator's context. Explicit scopes reset every registry's ``_var`` on entry and
+restore it on exit, so an outer scope's ``_Fast`` is never visible inside an inner one.
+
+End hooks, in both directions:
+
+- scope ends -> entry goes: a gevent ``Greenlet`` via ``rawlink`` (fires when it finishes, even
+  while still referenced); an asyncio Task via one done-callback added here on first store;
+  an explicit scope on exit; anything else via the weakref callback when the key is collected.
+  The entry is dropped synchronously; the value is closed elsewhere (see ``_closing``).
+- registry dies -> every ``_Fast`` it left in other contexts is emptied, so nothing it stored
+  outlives it.
+- ``os.fork()`` -> the child's registries start empty and never close the parent's sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import weakref
+from typing import Any, Callable, Dict, Generic, List, Optional, TypeVar
+
+from greenlet import getcurrent
+from sqlalchemy.util import ScopedRegistry
+
+from . import _closing
+from .scoping import (
+    ScopeKey,
+    _current_task,
+    _get_running_loop,
+    current_owner,
+    current_scope,
+)
+
+__all__ = ["WeakScopeRegistry"]
+
+_T = TypeVar("_T")
+
+#: Placed in ``_Fast.owner`` when an entry ends: never identical to any greenlet or task.
+_DEAD = object()
+
+
+class _Fast:
+    """What a context caches for the hot path: the owner to verify and the value."""
+
+    __slots__ = ("__weakref__", "owner", "value")
+
+    def __init__(self, owner: object, value: Any) -> None:
+        self.owner = owner
+        self.value = value
+
+
+class _Entry:
+    """One live scope in one registry, stored at ``registry._entries[key_id]``."""
+
+    __slots__ = ("fast_ref", "key_id", "key_ref", "origin", "value")
+
+    def __init__(self, key_id: int, value: Any) -> None:
+        self.key_id = key_id
+        #: where the value was created, with ``GREENSCOPE_TRACE=1`` (for diagnostics)
+        self.origin: Optional[str] = _origin() if _TRACE else None
+        self.key_ref: Callable[[], Any] = _nothing
+        self.value = value
+        # Weak: a ``_Fast`` holds its owner strongly and must live only as long as the contexts
+        # that cache it, or ``_entries`` would keep every greenlet alive through it.
+        self.fast_ref: Callable[[], Optional[_Fast]] = _nothing
+
+    def fast(self, owner: object) -> _Fast:
+        """The ``_Fast`` for ``owner``, reused while some context still caches it."""
+        fast = self.fast_ref()
+        if fast is None or fast.owner is not owner:
+            fast = _Fast(owner, self.value)
+            self.fast_ref = weakref.ref(fast)
+        return fast
+
+    def set_value(self, value: Any) -> None:
+        self.value = value
+        fast = self.fast_ref()
+        if fast is not None:
+            fast.value = value
+
+    def kill(self) -> Any:
+        """Empty the entry (and its cached ``_Fast``); return the value it held."""
+        value, self.value = self.value, None
+        fast, self.fast_ref = self.fast_ref(), _nothing
+        if fast is not None:
+            fast.owner = _DEAD
+            fast.value = None
+        return value
+
+
+def _nothing() -> None:
+    return None
+
+
+_TRACE = os.environ.get("GREENSCOPE_TRACE", "") not in ("", "0")
+
+
+def _origin() -> str:
+    import traceback
+
+    frames = [f for f in traceback.extract_stack()[:-3] if "/greenscope/" not in f.filename]
+    return "".join(traceback.format_list(frames[-4:]))
+
+
+#: Every live registry, for ``os.fork()`` and explicit scopes (which reset the fast caches).
+_all_registries: weakref.WeakSet[WeakScopeRegistry[Any]] = weakref.WeakSet()
+
+
+class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
+    """A :class:`sqlalchemy.util.ScopedRegistry` whose entries end with their scope.
+
+    Same protocol as the stock class - ``__call__``, ``has``, ``set``, ``clear`` - plus
+    ``len()``, the number of live entries. Keys are held weakly and verified by identity; when a
+    greenlet, task or explicit scope ends, its entry disappears and its value's ``close()`` is
+    called promptly (never inside a hub callback, weakref callback or the GC). Keys that cannot be
+    weakly referenced (ints, strings) are kept strongly in ``self.registry``, exactly like
+    ``ScopedRegistry``, so any ``scopefunc`` works.
+
+    :param createfunc: creates the value for a scope that has none (a ``sessionmaker``).
+    :param scopefunc: returns the current scope key; default :func:`greenscope.current_scope`.
+
+    Example::
+
+        >>> import gevent
+        >>> from sqlalchemy.orm import Session
+        >>> registry = WeakScopeRegistry(Session)
+        >>> job = gevent.spawn(lambda: registry())
+        >>> session = job.get()
+        >>> gevent.sleep(0)  # the hub runs the finished greenlet's links
+        >>> len(registry)
+        0
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_entries",
+        "_pending",
+        "_requires_task",
+        "_var",
+        "ended_without_remove",
+    )
+
+    _entries: Dict[int, _Entry]
+    _pending: List[Any]
+    _var: Any
+    #: values greenscope closed because their greenlet or task ended, or their key was
+    #: collected, while still registered (``remove()`` was never called); explicit scope exits
+    #: are by design and not counted
+    ended_without_remove: int
+
+    def __init__(
+        self,
+        createfunc: Callable[[], _T],
+        scopefunc: Optional[Callable[[], Any]] = None,
+    ) -> None:
+        super().__init__(createfunc, scopefunc or current_scope)
+        self._entries = {}
+        self._pending = []
+        self._requires_task = False
+        self.ended_without_remove = 0
+        if self.scopefunc is current_scope:
+            import contextvars
+
+            self._var = contextvars.ContextVar(f"greenscope.registry.{id(self):#x}", default=None)
+        else:
+            self._var = None
+        _all_registries.add(self)
+        weakref.finalize(self, _abandon, self._entries)
+
+    # -- the protocol -------------------------------------------------------------------
+
+    def __call__(self) -> _T:
+        if self._pending:
+            self._close_pending()
+        var = self._var
+        if var is not None:
+            fast = var.get()
+            if fast is not None:
+                loop = _get_running_loop()
+                if loop is None:
+                    if fast.owner is getcurrent():
+                        return fast.value  # type: ignore[no-any-return]
+                elif fast.owner is _current_task(loop):
+                    return fast.value  # type: ignore[no-any-return]
+        key = self.scopefunc()
+        entry = self._entries.get(id(key))
+        if entry is not None and entry.key_ref() is key:
+            self._cache(key, entry)
+            return entry.value  # type: ignore[no-any-return]
+        try:
+            return self.registry[key]  # type: ignore[no-any-return]
+        except KeyError:
+            pass
+        except TypeError:
+            self._check_key(key)
+        if self._check_key(key):
+            return self.registry.setdefault(key, self.createfunc())  # type: ignore[no-any-return]
+        value = self.createfunc()
+        self._store(key, value)
+        return value
+
+    def has(self) -> bool:
+        """Return True if a value is present in the current scope."""
+        key = self.scopefunc()
+        if self._find(key) is not None:
+            return True
+        return self._check_key(key) and key in self.registry
+
+    def set(self, obj: _T) -> None:
+        """Set the value for the current scope (the previous one is replaced, not closed)."""
+        key = self.scopefunc()
+        entry = self._find(key)
+        if entry is not None:
+            entry.set_value(obj)
+        elif self._check_key(key):
+            self.registry[key] = obj
+        else:
+            self._store(key, obj)
+
+    def clear(self) -> None:
+        """Clear the current scope, if any (the value is not closed, as in SQLAlchemy)."""
+        key = self.scopefunc()
+        entry = self._find(key)
+        if entry is not None:
+            self._drop(entry)
+        elif self._check_key(key):
+            self.registry.pop(key, None)
+
+    def __len__(self) -> int:
+        """The number of live entries (scopes that currently hold a value)."""
+        return len(self._entries) + len(self.registry)
+
+    # -- lookups ------------------------------------------------------------------------
+
+    def _find(self, key: Any) -> Optional[_Entry]:
+        entry = self._entries.get(id(key))
+        if entry is not None and entry.key_ref() is key:
+            return entry
+        return None
+
+    def _check_key(self, key: Any) -> bool:
+        """Validate ``key``; True when it cannot be weakly referenced (kept like ScopedRegistry)."""
+        try:
+            hash(key)
+        except TypeError:
+            raise TypeError(
+                f"greenscope: the scopefunc {self.scopefunc!r} returned an unhashable scope key "
+                f"{key!r} ({type(key).__name__}); a scope key must be hashable, like a greenlet, "
+                "a task, an int or a string"
+            ) from None
+        if self._requires_task and not isinstance(key, (asyncio.Future, ScopeKey)):
+            raise RuntimeError(
+                "greenscope.asyncio.async_scoped_session was used outside a running asyncio task "
+                "and outside any greenscope.scope(): there is no scope to put an AsyncSession in. "
+                "Call it from a coroutine running on an event loop, or open "
+                "`async with greenscope.scope():` first."
+            )
+        try:
+            weakref.ref(key)
+        except TypeError:
+            return True
+        return False
+
+    def _cache(self, key: Any, entry: _Entry) -> None:
+        """Publish ``entry`` to this context's fast path when the key is the caller's own."""
+        if self._var is None:
+            return
+        owner = key.owner if isinstance(key, ScopeKey) else key
+        if owner is current_owner():
+            self._var.set(entry.fast(owner))
+
+    # -- storing and ending -------------------------------------------------------------
+
+    def _store(self, key: Any, value: Any) -> None:
+        key_id = id(key)
+        old = self._entries.get(key_id)
+        if old is not None:  # its key is dead (same id, not the same object); callback pending
+            self._park(self._drop(old))
+        entry = _Entry(key_id, value)
+        registry_ref = weakref.ref(self)
+        entry.key_ref = weakref.ref(key, lambda _ref: _collected(registry_ref, entry))
+        self._entries[key_id] = entry
+        if isinstance(key, ScopeKey):
+            key._ends.append(lambda: self._drop(entry))
+        elif isinstance(key, asyncio.Future):
+            loop = key.get_loop()
+            key.add_done_callback(lambda _task: self._end(entry, loop))
+        else:
+            rawlink = getattr(key, "rawlink", None)  # a gevent Greenlet
+            if rawlink is not None:
+                rawlink(lambda _glet: self._end(entry, None))
+        self._cache(key, entry)
+
+    def _drop(self, entry: _Entry) -> Any:
+        """Remove ``entry`` if it is still live; return the value it held (None if it was not)."""
+        if self._entries.get(entry.key_id) is not entry:
+            return None
+        del self._entries[entry.key_id]
+        return entry.kill()
+
+    def _end(self, entry: _Entry, loop: Optional[asyncio.AbstractEventLoop]) -> None:
+        """A greenlet or task finished: drop the entry now, close the value elsewhere."""
+        origin = entry.origin
+        value = self._drop(entry)
+        if value is None:
+            return
+        self._note_unremoved(value, origin)
+        if loop is not None:
+            _closing.close_on_loop(value, loop)
+        elif _closing.gevent_hub_running():
+            _closing.close_in_greenlet(value)
+        else:
+            self._park(value)
+
+    def _park(self, value: Any) -> None:
+        if value is not None:
+            self._pending.append(value)
+
+    def _note_unremoved(self, value: Any, origin: Optional[str]) -> None:
+        self.ended_without_remove += 1
+        if origin is not None:
+            _closing.log.warning(
+                "greenscope: closing %r, whose scope ended without remove(); created at:\n%s",
+                value,
+                origin,
+            )
+
+    def _close_pending(self) -> None:
+        pending = self._pending
+        while pending:
+            value = pending.pop()
+            awaitable = _closing.close_now(value)
+            if awaitable is not None:
+                _closing.close_on_loop(value, _get_running_loop())
+
+
+def _collected(registry_ref: weakref.ref[WeakScopeRegistry[Any]], entry: _Entry) -> None:
+    """A key was garbage collected. Runs inside the GC: no I/O, only park the value."""
+    registry = registry_ref()
+    if registry is not None:
+        origin = entry.origin
+        value = registry._drop(entry)
+        if value is not None:
+            registry._note_unremoved(value, origin)
+            registry._park(value)
+
+
+def _abandon(entries: Dict[int, _Entry]) -> None:
+    """The registry was collected: empty what it cached in contexts that outlive it."""
+    for entry in list(entries.values()):
+        entry.kill()
+    entries.clear()
+
+
+def _after_fork_in_child() -> None:
+    for registry in list(_all_registries):
+        for entry in list(registry._entries.values()):
+            _closing.fork_orphans.append(entry.kill())
+        registry._entries.clear()
+        _closing.fork_orphans.extend(registry.registry.values())
+        registry.registry.clear()
+        _closing.fork_orphans.extend(registry._pending)
+        registry._pending.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,103 @@
+"""Which scope is the caller in? ``current_scope()`` and the explicit-scope key.
+
+The answer never depends on ``threading.local`` or on whether gevent has patched anything,
+so it is right whatever was imported or patched first:
+
+1. the innermost explicit :func:`greenscope.scope` opened *by this greenlet or task*;
+2. else the running :class:`asyncio.Task`, also from SQLAlchemy's ``run_sync`` /
+   ``greenlet_spawn`` greenlets, which run on the task's behalf and share its context;
+3. else ``greenlet.getcurrent()`` (a plain thread is its own main greenlet).
+
+Explicit scopes live in a :class:`contextvars.ContextVar`. greenlet >= 1.0 gives every greenlet
+an empty context, so gevent children never see their parent's scope; asyncio child tasks get
+a *copy* of their parent's context, so every scope records the greenlet or task that opened it
+(its ``owner``) and is ignored anywhere else (DESIGN rule 4: children never inherit by accident).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from typing import Any, Callable, List, Optional
+
+from greenlet import getcurrent
+
+__all__ = ["ScopeKey", "current_owner", "current_scope"]
+
+_get_running_loop: Callable[[], Optional[asyncio.AbstractEventLoop]] = asyncio._get_running_loop
+
+
+def _task_lookup() -> Callable[[asyncio.AbstractEventLoop], Optional[asyncio.Task[Any]]]:
+    # Fastest way to ask "which task is running on this loop?" on this interpreter: the C
+    # function on 3.12+, the C dict behind ``asyncio.current_task`` on 3.9-3.11.
+    try:
+        from _asyncio import current_task  # type: ignore[attr-defined]
+
+        return current_task  # type: ignore[no-any-return]
+    except ImportError:
+        pass
+    tasks = getattr(asyncio.tasks, "_current_tasks", None)
+    if isinstance(tasks, dict):
+        return tasks.get
+    return asyncio.current_task
+
+
+_current_task = _task_lookup()
+
+
+class ScopeKey:
+    """The key of one explicit scope: what :func:`current_scope` returns inside ``scope()``.
+
+    ``owner`` is the greenlet or task that opened it; ``_ends`` are the callbacks the
+    registries attached to it, run (newest first) when the scope exits.
+    """
+
+    __slots__ = ("__weakref__", "_ends", "owner")
+
+    def __init__(self, owner: object) -> None:
+        self.owner = owner
+        self._ends: List[Callable[[], object]] = []
+
+    def __repr__(self) -> str:
+        return f"<greenscope.ScopeKey owner={self.owner!r} at {id(self):#x}>"
+
+
+#: The innermost explicit scope of this context; set and reset only by ``greenscope.scope``.
+scope_var: contextvars.ContextVar[Optional[ScopeKey]] = contextvars.ContextVar(
+    "greenscope.scope", default=None
+)
+
+
+def current_owner() -> object:
+    """The task running on this thread's loop, else the current greenlet.
+
+    This is the identity an explicit scope belongs to and the identity the registry's fast
+    path verifies.
+    """
+    loop = _get_running_loop()
+    if loop is not None:
+        task = _current_task(loop)
+        if task is not None:
+            return task
+    return getcurrent()
+
+
+def current_scope() -> object:
+    """Return the scope key for the caller.
+
+    The innermost explicit scope opened in this greenlet or task; else the running asyncio
+    Task; else the current greenlet. The result is hashable and weakly referenceable, and it is
+    the default ``scopefunc`` of every greenscope registry::
+
+        >>> import greenlet, greenscope
+        >>> greenscope.current_scope() is greenlet.getcurrent()
+        True
+        >>> with greenscope.scope() as key:
+        ...     greenscope.current_scope() is key
+        True
+    """
+    owner = current_owner()
+    key = scope_var.get()
+    if key is not None and key.owner is owner:
+        return key
+    return owner
