@@ -10,6 +10,7 @@ opened it: child greenlets and tasks get their own sessions.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import inspect
@@ -80,13 +81,17 @@ class scope:
         tb: Optional[TracebackType],
     ) -> None:
         first_error: Optional[BaseException] = None
-        for value in self._leave():
+        values = self._leave()
+        for index, value in enumerate(values):
             try:
                 awaitable = _close_raising(value)
             except Exception as error:
                 _closing.log.exception("greenscope: error closing %r at scope exit", value)
                 first_error = first_error or error
                 continue
+            except BaseException:  # killed or timed out while closing: close the rest elsewhere
+                _close_elsewhere(values[index:])
+                raise
             if awaitable is not None:  # an AsyncSession left in a sync `with`: close on its loop
                 _closing.close_on_loop_awaitable(value, awaitable, _get_running_loop())
         if first_error is not None and exc_type is None:
@@ -101,15 +106,24 @@ class scope:
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
     ) -> None:
-        first_error: Optional[BaseException] = None
-        for value in self._leave():
+        values = self._leave()
+        if not values:
+            return
+        # Close in a task of its own, shielded, as SQLAlchemy's AsyncSession.__aexit__ does: a
+        # cancellation arriving meanwhile (a request timeout) is re-raised once every session is
+        # closed, instead of leaving the rest holding their connections until the GC runs.
+        closing = asyncio.ensure_future(_close_all(values))
+        cancelled: Optional[BaseException] = None
+        while True:
             try:
-                awaitable = _close_raising(value)
-                if awaitable is not None:
-                    await awaitable
-            except Exception as error:
-                _closing.log.exception("greenscope: error closing %r at scope exit", value)
-                first_error = first_error or error
+                first_error = await asyncio.shield(closing)
+                break
+            except asyncio.CancelledError as error:
+                if closing.done():
+                    raise
+                cancelled = error
+        if cancelled is not None:
+            raise cancelled
         if first_error is not None and exc_type is None:
             raise first_error
 
@@ -153,6 +167,31 @@ class scope:
                 return fn(*args, **kwargs)
 
         return cast(_F, run)
+
+
+def _close_elsewhere(values: List[Any]) -> None:
+    """The exiting greenlet is being killed (``gevent.Timeout``, ``kill()``): a closer greenlet
+    closes what it could not - the interrupted session again (the pool invalidates a connection
+    whose reset fails) and the ones not reached yet - instead of leaving them to the GC."""
+    for value in values:
+        if _closing.gevent_hub_running():
+            _closing.close_in_greenlet(value)
+        else:
+            _closing.close_on_loop(value, _get_running_loop())
+
+
+async def _close_all(values: List[Any]) -> Optional[BaseException]:
+    """Close ``values`` in order (awaiting async closes); log errors, return the first."""
+    first_error: Optional[BaseException] = None
+    for value in values:
+        try:
+            awaitable = _close_raising(value)
+            if awaitable is not None:
+                await awaitable
+        except Exception as error:
+            _closing.log.exception("greenscope: error closing %r at scope exit", value)
+            first_error = first_error or error
+    return first_error
 
 
 def _close_raising(value: Any) -> Optional[Awaitable[Any]]:

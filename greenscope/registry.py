@@ -31,9 +31,10 @@ End hooks, in both directions:
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import weakref
-from typing import Any, Callable, Dict, Generic, List, Optional, TypeVar
+from typing import Any, Callable, Dict, Generic, Iterator, List, Optional, TypeVar
 
 from greenlet import getcurrent
 from sqlalchemy.util import ScopedRegistry
@@ -68,7 +69,7 @@ class _Fast:
 class _Entry:
     """One live scope in one registry, stored at ``registry._entries[key_id]``."""
 
-    __slots__ = ("fast_ref", "key_id", "key_ref", "origin", "value")
+    __slots__ = ("fast_ref", "hook", "key_id", "key_ref", "origin", "value")
 
     def __init__(self, key_id: int, value: Any) -> None:
         self.key_id = key_id
@@ -79,6 +80,9 @@ class _Entry:
         # Weak: a ``_Fast`` holds its owner strongly and must live only as long as the contexts
         # that cache it, or ``_entries`` would keep every greenlet alive through it.
         self.fast_ref: Callable[[], Optional[_Fast]] = _nothing
+        # The end hook added to the key (done-callback, rawlink, scope end), so that clear()
+        # can take it off again; kill() drops it, which breaks the entry -> hook -> entry cycle.
+        self.hook: Optional[Callable[..., object]] = None
 
     def fast(self, owner: object) -> _Fast:
         """The ``_Fast`` for ``owner``, reused while some context still caches it."""
@@ -97,6 +101,7 @@ class _Entry:
     def kill(self) -> Any:
         """Empty the entry (and its cached ``_Fast``); return the value it held."""
         value, self.value = self.value, None
+        self.hook = None
         fast, self.fast_ref = self.fast_ref(), _nothing
         if fast is not None:
             fast.owner = _DEAD
@@ -119,7 +124,18 @@ def _origin() -> str:
 
 
 #: Every live registry, for ``os.fork()`` and explicit scopes (which reset the fast caches).
-_all_registries: weakref.WeakSet[WeakScopeRegistry[Any]] = weakref.WeakSet()
+class _RegistrySet(weakref.WeakSet["WeakScopeRegistry[Any]"]):
+    """A WeakSet whose iteration is a snapshot list: explicit scopes and WSGI requests walk it on
+    entry and exit, and the stock generator (with its iteration guard) cost more than the rest
+    of an empty scope. The snapshot is safe against registries created or collected meanwhile.
+    """
+
+    def __iter__(self) -> Iterator[WeakScopeRegistry[Any]]:
+        live = [ref() for ref in self.data.copy()]  # type: ignore[attr-defined]
+        return iter([registry for registry in live if registry is not None])
+
+
+_all_registries: weakref.WeakSet[WeakScopeRegistry[Any]] = _RegistrySet()
 
 
 class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
@@ -150,6 +166,7 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
     __slots__ = (
         "__weakref__",
         "_entries",
+        "_hot_var",
         "_pending",
         "_requires_task",
         "_var",
@@ -159,6 +176,9 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
     _entries: Dict[int, _Entry]
     _pending: List[Any]
     _var: Any
+    #: what the hot path reads: ``_var``, or None while values are parked in ``_pending`` (so a
+    #: hit never pays for a ``_pending`` check; ``_lookup`` closes them and re-arms it)
+    _hot_var: Any
     #: values greenscope closed because their greenlet or task ended, or their key was
     #: collected, while still registered (``remove()`` was never called); explicit scope exits
     #: are by design and not counted
@@ -180,37 +200,50 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
             self._var = contextvars.ContextVar(f"greenscope.registry.{id(self):#x}", default=None)
         else:
             self._var = None
+        self._hot_var = self._var
         _all_registries.add(self)
         weakref.finalize(self, _abandon, self._entries)
 
     # -- the protocol -------------------------------------------------------------------
 
     def __call__(self) -> _T:
-        if self._pending:
-            self._close_pending()
-        var = self._var
+        # The hot path (DESIGN rule 6; bench/micro.py measures it): this context's ``_Fast``,
+        # trusted only when its owner is the caller - the current greenlet while no loop runs,
+        # else the running task. ``_hot_var`` is None for a custom scopefunc and while values
+        # are parked. Every other case takes ``_lookup``. (Keep it flat: each extra attribute
+        # load or test here costs a few percent of the whole call.)
+        var = self._hot_var
         if var is not None:
             fast = var.get()
             if fast is not None:
-                loop = _get_running_loop()
-                if loop is None:
-                    if fast.owner is getcurrent():
+                if fast.owner is getcurrent():
+                    if _get_running_loop() is None:
                         return fast.value  # type: ignore[no-any-return]
-                elif fast.owner is _current_task(loop):
-                    return fast.value  # type: ignore[no-any-return]
+                else:
+                    loop = _get_running_loop()
+                    if loop is not None and fast.owner is _current_task(loop):
+                        return fast.value  # type: ignore[no-any-return]
+        return self._lookup()
+
+    def _lookup(self) -> _T:
+        """The slow path: resolve the scope, find or create its entry, cache it for the hot path."""
+        if self._pending or self._hot_var is not self._var:
+            self._close_pending()
         key = self.scopefunc()
         entry = self._entries.get(id(key))
         if entry is not None and entry.key_ref() is key:
             self._cache(key, entry)
             return entry.value  # type: ignore[no-any-return]
-        try:
-            return self.registry[key]  # type: ignore[no-any-return]
-        except KeyError:
-            pass
-        except TypeError:
-            self._check_key(key)
+        strong = self.registry
+        if strong:  # keys that cannot be weakly referenced: rare, so no KeyError raised otherwise
+            try:
+                return strong[key]  # type: ignore[no-any-return]
+            except KeyError:
+                pass
+            except TypeError:
+                self._check_key(key)
         if self._check_key(key):
-            return self.registry.setdefault(key, self.createfunc())  # type: ignore[no-any-return]
+            return strong.setdefault(key, self.createfunc())  # type: ignore[no-any-return]
         value = self.createfunc()
         self._store(key, value)
         return value
@@ -238,7 +271,9 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
         key = self.scopefunc()
         entry = self._find(key)
         if entry is not None:
+            hook = entry.hook
             self._drop(entry)
+            _unhook(key, hook)
         elif self._check_key(key):
             self.registry.pop(key, None)
 
@@ -293,18 +328,22 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
         if old is not None:  # its key is dead (same id, not the same object); callback pending
             self._park(self._drop(old))
         entry = _Entry(key_id, value)
-        registry_ref = weakref.ref(self)
-        entry.key_ref = weakref.ref(key, lambda _ref: _collected(registry_ref, entry))
+        # The callback must not hold ``entry`` (entry -> key_ref -> callback -> entry would make
+        # every entry cyclic garbage): it finds the entry by id and verifies it by its weakref.
+        entry.key_ref = weakref.ref(key, functools.partial(_collected, weakref.ref(self), key_id))
         self._entries[key_id] = entry
         if isinstance(key, ScopeKey):
-            key._ends.append(lambda: self._drop(entry))
+            entry.hook = lambda: self._drop(entry)
+            key._ends.append(entry.hook)
         elif isinstance(key, asyncio.Future):
             loop = key.get_loop()
-            key.add_done_callback(lambda _task: self._end(entry, loop))
+            entry.hook = lambda _task: self._end(entry, loop)
+            key.add_done_callback(entry.hook)
         else:
             rawlink = getattr(key, "rawlink", None)  # a gevent Greenlet
             if rawlink is not None:
-                rawlink(lambda _glet: self._end(entry, None))
+                entry.hook = lambda _glet: self._end(entry, None)
+                rawlink(entry.hook)
         self._cache(key, entry)
 
     def _drop(self, entry: _Entry) -> Any:
@@ -331,6 +370,7 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
     def _park(self, value: Any) -> None:
         if value is not None:
             self._pending.append(value)
+            self._hot_var = None  # the next call takes ``_lookup``, which closes it
 
     def _note_unremoved(self, value: Any, origin: Optional[str]) -> None:
         self.ended_without_remove += 1
@@ -342,18 +382,40 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
             )
 
     def _close_pending(self) -> None:
+        self._hot_var = self._var  # first: a value parked while closing disarms it again
         pending = self._pending
         while pending:
             value = pending.pop()
             awaitable = _closing.close_now(value)
-            if awaitable is not None:
-                _closing.close_on_loop(value, _get_running_loop())
+            if awaitable is not None:  # close() already started: finish it, never call it twice
+                _closing.close_on_loop_awaitable(value, awaitable, _get_running_loop())
 
 
-def _collected(registry_ref: weakref.ref[WeakScopeRegistry[Any]], entry: _Entry) -> None:
+def _unhook(key: Any, hook: Optional[Callable[..., object]]) -> None:
+    """Take a cleared entry's end hook off its key: a long-lived task or greenlet that calls
+    ``remove()`` once per job must not collect one callback per job."""
+    if hook is None:
+        return
+    if isinstance(key, ScopeKey):
+        if hook in key._ends:
+            key._ends.remove(hook)
+    elif isinstance(key, asyncio.Future):
+        key.remove_done_callback(hook)
+    else:
+        unlink = getattr(key, "unlink", None)  # a gevent Greenlet
+        if unlink is not None:
+            unlink(hook)
+
+
+def _collected(
+    registry_ref: weakref.ref[WeakScopeRegistry[Any]], key_id: int, key_ref: weakref.ref[Any]
+) -> None:
     """A key was garbage collected. Runs inside the GC: no I/O, only park the value."""
     registry = registry_ref()
     if registry is not None:
+        entry = registry._entries.get(key_id)
+        if entry is None or entry.key_ref is not key_ref:
+            return  # already dropped (remove(), end hook), or the id now belongs to a new key
         origin = entry.origin
         value = registry._drop(entry)
         if value is not None:

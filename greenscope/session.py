@@ -1,16 +1,19 @@
 """``greenscope.scoped_session``: the stock ``scoped_session`` with a ``WeakScopeRegistry``.
 
-Only the registry is swapped; every proxied method and attribute is SQLAlchemy's own.
+Only the registry is swapped; every proxied method and attribute is SQLAlchemy's own (``__call__``
+and ``_proxied`` only inline the registry's hit path in front of the stock code).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Optional, TypeVar
 
-from sqlalchemy.orm import Session, sessionmaker
+from greenlet import getcurrent
+from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session as _stock_scoped_session
 
 from .registry import WeakScopeRegistry
+from .scoping import _get_running_loop
 
 __all__ = ["scoped_session"]
 
@@ -54,7 +57,9 @@ class scoped_session(_stock_scoped_session[_S]):
 
     def __init__(
         self,
-        session_factory: sessionmaker[_S] | Callable[..., _S],
+        # Callable alone, not ``sessionmaker[_S] | Callable[..., _S]``: mypy infers Never from
+        # that union and rejects ``scoped_session(sessionmaker(engine))``.
+        session_factory: Callable[..., _S],
         scopefunc: Optional[Callable[[], Any]] = None,
     ) -> None:
         if _is_async_factory(session_factory):
@@ -64,3 +69,38 @@ class scoped_session(_stock_scoped_session[_S]):
             )
         self.session_factory = session_factory  # type: ignore[assignment]
         self.registry = WeakScopeRegistry(session_factory, scopefunc)
+
+    # The two entry points of every use - ``Session()`` and ``_proxied`` (behind
+    # ``Session.execute``, ``Session.add``, ...) - inline the registry's hit path for the common
+    # case (a greenlet, no loop running): one Python frame less than ``self.registry()``, which
+    # is what puts them under the stock getcurrent peer (bench/micro.py). Anything else (a task,
+    # a first use, parked values, keyword arguments) goes through the stock code and the
+    # registry, unchanged.
+
+    @property
+    def _proxied(self) -> _S:
+        registry = self.registry
+        try:
+            var = registry._hot_var
+        except AttributeError:  # a registry swapped in by hand
+            return registry()
+        if var is not None:
+            fast = var.get()
+            if fast is not None and fast.owner is getcurrent() and _get_running_loop() is None:
+                return fast.value  # type: ignore[no-any-return]
+        return registry()
+
+    def __call__(self, **kw: Any) -> _S:
+        """Return the current Session, creating it if needed (see the stock ``__call__``)."""
+        if not kw:
+            try:
+                var = self.registry._hot_var
+            except AttributeError:  # a registry swapped in by hand
+                var = None
+            if var is not None:
+                fast = var.get()
+                if fast is not None and fast.owner is getcurrent() and _get_running_loop() is None:
+                    session = fast.value
+                    if not session._is_asyncio:  # else the stock path warns, as it would
+                        return session  # type: ignore[no-any-return]
+        return super().__call__(**kw)

@@ -1,0 +1,241 @@
+"""``ScopeMiddleware``: every WSGI request in its own explicit scope.
+
+Greenlet scope is not request scope: gevent's pywsgi and gunicorn's gevent worker serve every
+request of a keep-alive connection in one greenlet, so a greenlet-scoped session would carry one
+request's state into the next. The middleware gives each request its own
+:class:`~greenscope.scoping.ScopeKey`; every greenscope registry hands out a fresh session inside
+it, and those sessions are closed and removed when the request ends.
+
+When does a request end? PEP 3333 lets the server iterate the response body *after* the
+application returned, and call the iterable's ``close()`` last - possibly on the same greenlet,
+with server code (header writing, logging, the next request's parsing) in between. So:
+
+- **The request gets its own** :class:`contextvars.Context`, copied from the server's when the
+  request starts. The application call, every ``next()`` of the response iterable and its
+  ``close()`` each run inside that context (``Context.run``), where ``current_scope()`` is the
+  request's key and every registry's fast-path cache starts empty (as on entering
+  :func:`greenscope.scope`). Nothing set there - the scope, the registries' caches, context
+  variables the application sets - leaks into the server code between two steps, and the request
+  still sees its own values at the next step (the fast path stays warm across body chunks).
+- **The scope is closed** - its sessions closed and removed, errors logged - after the wrapped
+  iterable's ``close()`` when the server calls ``close()`` on the response; at once when the
+  application raises in the call; and at once when an iteration step raises (the wrapped
+  ``close()`` is called first, inside the scope). ``close()`` is idempotent. If a broken server
+  never calls ``close()``, the scope key is freed with the response and the registries close its
+  sessions on their next use.
+- **Owner**: a scope belongs to the greenlet or thread that uses it. Servers iterate on the
+  greenlet that called the application; should one iterate elsewhere, the key is handed to the
+  greenlet running the step (``key.owner`` is updated), so the session is still the request's.
+- **Nothing is consumed eagerly**: the wrapper pulls one item per ``next()`` of the server.
+- ``wsgi.file_wrapper``: when the application returns an instance of the server's
+  ``environ["wsgi.file_wrapper"]`` class, it is returned *unwrapped* so the server keeps its
+  ``sendfile`` fast path (gunicorn checks ``isinstance(result, environ["wsgi.file_wrapper"])``);
+  the scope's end is chained onto that instance's ``close``. Reading a file needs no database
+  session, so the scope is not made current while the server sends it. If the instance does not
+  accept a ``close`` attribute, it is wrapped like any other iterable (correct, but the server
+  then streams it without ``sendfile``).
+
+The request's key is also put in ``environ["greenscope.scope"]``.
+
+Example::
+
+    >>> from sqlalchemy import create_engine
+    >>> from sqlalchemy.orm import sessionmaker
+    >>> import greenscope
+    >>> from greenscope.wsgi import ScopeMiddleware
+    >>> Session = greenscope.scoped_session(sessionmaker(create_engine("sqlite://")))
+    >>> def app(environ, start_response):
+    ...     start_response("200 OK", [("Content-Type", "text/plain")])
+    ...     return [str(id(Session())).encode()]
+    >>> wrapped = ScopeMiddleware(app)
+    >>> def call():
+    ...     result = wrapped({}, lambda status, headers, exc_info=None: None)
+    ...     try:
+    ...         return b"".join(result)
+    ...     finally:
+    ...         result.close()
+    >>> first = call()
+    >>> len(Session.registry)  # the request's session was closed and removed
+    0
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+from . import _closing
+from .explicit import _close_raising
+from .registry import _all_registries
+from .scoping import ScopeKey, _get_running_loop, current_owner, scope_var
+
+__all__ = ["ScopeMiddleware"]
+
+_StartResponse = Callable[..., Any]
+_WSGIApp = Callable[[Any, _StartResponse], Iterable[bytes]]
+
+
+class ScopeMiddleware:
+    """Run each WSGI request in its own explicit :func:`greenscope.scope`.
+
+    Sessions from any greenscope registry used during the request - in the application call, while
+    the response body is produced, in the body's ``close()`` - are the request's own, and are
+    closed and removed when the server closes the response (or the application raises). See the
+    module docstring for how the scope stays current while the server iterates the body.
+
+    :param app: the WSGI application to wrap.
+
+    Example (Flask: ``app.wsgi_app = ScopeMiddleware(app.wsgi_app)``)::
+
+        >>> from greenscope.wsgi import ScopeMiddleware
+        >>> def hello(environ, start_response):
+        ...     start_response("200 OK", [])
+        ...     return [b"hello"]
+        >>> application = ScopeMiddleware(hello)
+        >>> body = application({}, lambda *args: None)
+        >>> list(body)
+        [b'hello']
+        >>> body.close()
+    """
+
+    __slots__ = ("app",)
+
+    def __init__(self, app: _WSGIApp) -> None:
+        self.app = app
+
+    def __call__(self, environ: Any, start_response: _StartResponse) -> Iterable[bytes]:
+        request = _RequestScope(environ)
+        try:
+            result: Iterable[bytes] = request.run(self.app, environ, start_response)
+        except BaseException:
+            request.end(failed=True)
+            raise
+        file_wrapper = environ.get("wsgi.file_wrapper") if isinstance(environ, dict) else None
+        is_file = isinstance(file_wrapper, type) and isinstance(result, file_wrapper)
+        if is_file and _chain_close(result, request):
+            return result
+        return _ClosingIterable(result, request)
+
+
+class _RequestScope:
+    """One request's scope key and the contextvars Context its steps run in."""
+
+    __slots__ = ("context", "ended", "key")
+
+    def __init__(self, environ: Any) -> None:
+        key = self.key = ScopeKey(current_owner())
+        self.ended = False
+        context = self.context = contextvars.copy_context()
+        context.run(_enter, key)
+        if isinstance(environ, dict):
+            environ["greenscope.scope"] = key
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call ``fn(*args)`` with this request's scope current."""
+        owner = current_owner()
+        if self.key.owner is not owner:  # a server stepping on another greenlet or thread
+            self.key.owner = owner
+        return self.context.run(fn, *args)
+
+    def end(self, failed: bool) -> None:
+        """Close and remove the request's sessions (once). Re-raise a close error on success."""
+        if self.ended:
+            return
+        self.ended = True
+        key = self.key
+        values = [end() for end in reversed(key._ends)]
+        key._ends.clear()
+        first_error: Optional[BaseException] = None
+        for value in values:
+            if value is None:
+                continue
+            try:
+                awaitable = _close_raising(value)
+            except Exception as error:
+                _closing.log.exception("greenscope: error closing %r at request end", value)
+                first_error = first_error or error
+                continue
+            if awaitable is not None:  # an AsyncSession: finish closing on the running loop
+                _closing.close_on_loop_awaitable(value, awaitable, _get_running_loop())
+        if first_error is not None and not failed:
+            raise first_error
+
+
+def _enter(key: ScopeKey) -> None:
+    """Inside the request's Context: make ``key`` current, hide every registry's cached value."""
+    scope_var.set(key)
+    for registry in list(_all_registries):
+        var = registry._var
+        if var is not None:
+            var.set(None)
+
+
+class _ClosingIterable:
+    """The response body, stepped inside the request's scope; ends the scope on ``close()``."""
+
+    __slots__ = ("_inner_closed", "_iterator", "_request", "_result")
+
+    def __init__(self, result: Iterable[bytes], request: _RequestScope) -> None:
+        self._result = result
+        self._request = request
+        self._iterator: Optional[Iterator[bytes]] = None
+        self._inner_closed = False
+
+    def __iter__(self) -> _ClosingIterable:
+        return self
+
+    def __next__(self) -> bytes:
+        request = self._request
+        if request.ended:
+            raise StopIteration
+        try:
+            if self._iterator is None:
+                self._iterator = request.run(iter, self._result)
+            return request.run(next, self._iterator)  # type: ignore[no-any-return]
+        except StopIteration:
+            raise
+        except BaseException:
+            try:
+                self._close_inner(failed=True)
+            except Exception:  # the iteration error is the one the server must see
+                _closing.log.exception("greenscope: error closing a response that failed")
+            raise
+
+    def close(self) -> None:
+        """PEP 3333: close the wrapped iterable (inside the scope), then end the scope."""
+        self._close_inner(failed=False)
+
+    def _close_inner(self, failed: bool) -> None:
+        request = self._request
+        try:
+            if not self._inner_closed:
+                self._inner_closed = True
+                close = getattr(self._result, "close", None)
+                if close is not None and not request.ended:
+                    request.run(close)
+                elif close is not None:
+                    close()
+        except BaseException:
+            request.end(failed=True)
+            raise
+        request.end(failed=failed)
+
+
+def _chain_close(result: Any, request: _RequestScope) -> bool:
+    """Chain the scope's end onto a server file wrapper's ``close``; False if it refuses."""
+    inner: Optional[Callable[[], Any]] = getattr(result, "close", None)
+
+    def close() -> None:
+        try:
+            if inner is not None:
+                inner()
+        except BaseException:
+            request.end(failed=True)
+            raise
+        request.end(failed=False)
+
+    try:
+        result.close = close
+    except (AttributeError, TypeError):
+        return False
+    return True

@@ -1,0 +1,1 @@
+"""Small WSGI applications that the tests run under real servers (gunicorn)."""

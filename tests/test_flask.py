@@ -1,0 +1,297 @@
+"""``greenscope.flask``: Flask-SQLAlchemy's ``db.session`` as a greenscope session."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import flask_sqlalchemy
+import pytest
+from conftest import run_python
+from flask import Flask
+from sqlalchemy import text
+
+import greenscope
+from greenscope.flask import SQLAlchemy, app_context_scope, install
+from greenscope.scoping import ScopeKey
+from greenscope.wsgi import ScopeMiddleware
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def make_app(db: flask_sqlalchemy.SQLAlchemy, path: Path, pool_size: int = 30) -> Flask:
+    app = Flask(__name__)
+    app.config["SQLALCHEMY_DATABASE_URI"] = f"sqlite:///{path}"
+    app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {
+        "pool_size": pool_size,
+        "max_overflow": 0,
+        "pool_timeout": 5,
+    }
+    db.init_app(app)
+    seen: List[Any] = []
+    app.extensions["seen"] = seen
+
+    @app.get("/")
+    def index() -> str:
+        session = db.session()
+        inherited = "request" in session.info
+        session.info["request"] = len(seen)
+        session.execute(text("select 1"))
+        seen.append((session, inherited))
+        return "ok"
+
+    @app.get("/raise")
+    def fail() -> str:
+        db.session.execute(text("select 1"))
+        raise RuntimeError("handler failed")
+
+    return app
+
+
+def checked_out(app: Flask, db: flask_sqlalchemy.SQLAlchemy) -> int:
+    with app.app_context():
+        return db.engine.pool.checkedout()  # type: ignore[attr-defined,no-any-return]
+
+
+def test_db_session_is_a_greenscope_session_scoped_to_the_app_context(tmp_path: Path) -> None:
+    db = SQLAlchemy()
+    app = make_app(db, tmp_path / "a.db")
+    assert isinstance(db.session, greenscope.scoped_session)
+    assert db.session.registry.scopefunc is app_context_scope
+    with app.app_context() as ctx:
+        outer = db.session()
+        assert app_context_scope() is ctx
+        with app.app_context():
+            inner = db.session()
+            assert inner is not outer
+        assert db.session() is outer  # the inner teardown removed only the inner session
+        assert outer.info == {} and not outer.in_transaction()
+        db.session.execute(text("select 1"))
+        assert outer.in_transaction()
+    assert not outer.in_transaction()  # removed (closed) at teardown
+    assert len(db.session.registry) == 0
+    assert checked_out(app, db) == 0
+
+
+def test_requests_get_fresh_sessions_removed_at_teardown(tmp_path: Path) -> None:
+    db = SQLAlchemy()
+    app = make_app(db, tmp_path / "b.db")
+    client = app.test_client()
+    for _ in range(5):
+        assert client.get("/").status_code == 200
+        assert len(db.session.registry) == 0
+        assert checked_out(app, db) == 0
+    seen = app.extensions["seen"]
+    assert len({id(session) for session, _ in seen}) == 5
+    assert not any(inherited for _, inherited in seen)
+
+
+def test_request_that_raises_leaves_nothing_checked_out(tmp_path: Path) -> None:
+    db = SQLAlchemy()
+    app = make_app(db, tmp_path / "c.db")
+    client = app.test_client()
+    for _ in range(3):
+        assert client.get("/raise").status_code == 500
+    assert checked_out(app, db) == 0
+    assert len(db.session.registry) == 0
+
+
+def test_explicit_scope_inside_an_app_context_gets_a_fresh_session_per_job(
+    tmp_path: Path,
+) -> None:
+    db = SQLAlchemy()
+    app = make_app(db, tmp_path / "d.db")
+    jobs: List[Any] = []
+    with app.app_context():
+        context_session = db.session()
+        for _ in range(3):
+            with greenscope.scope() as key:
+                assert app_context_scope() is key
+                db.session.execute(text("select 1"))
+                jobs.append(db.session())
+            assert checked_out(app, db) == 0
+        assert db.session() is context_session
+    assert len({id(s) for s in jobs} | {id(context_session)}) == 4
+
+
+def test_asyncio_child_of_an_app_context_gets_its_own_session(tmp_path: Path) -> None:
+    db = SQLAlchemy()
+    app = make_app(db, tmp_path / "e.db")
+    with app.app_context() as ctx:
+        mine = db.session()
+
+        async def child() -> Tuple[Any, object]:
+            return db.session(), app_context_scope()
+
+        # asyncio.run copies this context (the app context included) into its task
+        theirs, key = asyncio.run(child())
+        assert theirs is not mine
+        assert key is not ctx and isinstance(key, asyncio.Task)
+        assert db.session() is mine
+
+
+def test_install_converts_an_existing_flask_sqlalchemy_db(tmp_path: Path) -> None:
+    db = flask_sqlalchemy.SQLAlchemy(session_options={"expire_on_commit": False})
+    factory = db.session.session_factory
+    session = install(db)
+    assert session is db.session and isinstance(session, greenscope.scoped_session)
+    assert session.session_factory is factory  # options and listeners kept
+    assert install(db) is session
+    app = make_app(db, tmp_path / "f.db")
+    with app.app_context():
+        assert db.session().expire_on_commit is False
+    client = app.test_client()
+    for _ in range(3):
+        client.get("/")
+    assert len({id(s) for s, _ in app.extensions["seen"]}) == 3
+    assert checked_out(app, db) == 0
+
+
+def test_install_keeps_a_custom_scopefunc() -> None:
+    def per_tenant() -> str:
+        return "tenant"
+
+    db = flask_sqlalchemy.SQLAlchemy(session_options={"scopefunc": per_tenant})
+    assert install(db).registry.scopefunc is per_tenant
+    assert SQLAlchemy(session_options={"scopefunc": per_tenant}).session.registry.scopefunc is (
+        per_tenant
+    )
+
+
+def _bypass_teardown(app: Flask, db: flask_sqlalchemy.SQLAlchemy) -> None:
+    """Simulate a request whose teardown never removed the session."""
+    app.teardown_appcontext_funcs.remove(db._teardown_session)
+
+
+def test_stock_flask_sqlalchemy_hands_a_dead_requests_session_to_a_new_request(
+    tmp_path: Path,
+) -> None:
+    """Flask-SQLAlchemy 3 keys on ``id(app_ctx)``: freed contexts' ids are reused."""
+    db = flask_sqlalchemy.SQLAlchemy()
+    app = make_app(db, tmp_path / "g.db")
+    _bypass_teardown(app, db)
+    client = app.test_client()
+    for _ in range(20):
+        assert client.get("/").status_code == 200
+    seen = app.extensions["seen"]
+    inherited = sum(1 for _, was_inherited in seen if was_inherited)
+    assert inherited > 0  # measured: 8 to 12 of 20 over three runs
+    assert checked_out(app, db) > 1  # and the others were never closed
+
+
+def test_greenscope_flask_never_hands_a_dead_requests_session_to_a_new_request(
+    tmp_path: Path,
+) -> None:
+    db = SQLAlchemy()
+    app = make_app(db, tmp_path / "h.db")
+    _bypass_teardown(app, db)
+    client = app.test_client()
+    for _ in range(20):
+        assert client.get("/").status_code == 200
+    seen = app.extensions["seen"]
+    assert not any(inherited for _, inherited in seen)
+    assert len({id(s) for s, _ in seen}) == 20
+    # each dead context's session was closed on the registry's next use; at most the last waits
+    assert checked_out(app, db) <= 1
+    assert db.session.registry.ended_without_remove >= 19
+
+
+def test_scope_middleware_around_flask_gives_each_request_its_scope(tmp_path: Path) -> None:
+    db = SQLAlchemy()
+    app = make_app(db, tmp_path / "i.db")
+    keys: List[object] = []
+
+    @app.get("/key")
+    def key() -> str:
+        keys.append(app_context_scope())
+        db.session.execute(text("select 1"))
+        return "ok"
+
+    app.wsgi_app = ScopeMiddleware(app.wsgi_app)  # type: ignore[method-assign]
+    client = app.test_client()
+    for _ in range(3):
+        assert client.get("/key").status_code == 200
+    assert all(isinstance(k, ScopeKey) for k in keys) and len({id(k) for k in keys}) == 3
+    assert checked_out(app, db) == 0
+
+
+# -- under gevent: concurrent requests served by gevent.pywsgi -----------------------------
+
+_GEVENT = """
+from gevent import monkey
+monkey.patch_all()
+
+import http.client, itertools, json, os, sys, tempfile
+import gevent
+from gevent.pywsgi import WSGIServer
+from flask import Flask
+from sqlalchemy import text
+import flask_sqlalchemy
+from greenscope.flask import SQLAlchemy
+
+MODE = sys.argv[1]
+db = SQLAlchemy() if MODE == "greenscope" else flask_sqlalchemy.SQLAlchemy()
+app = Flask(__name__)
+app.config["SQLALCHEMY_DATABASE_URI"] = "sqlite:///" + os.path.join(tempfile.mkdtemp(), "g.db")
+app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {"pool_size": 60, "max_overflow": 0, "pool_timeout": 5}
+db.init_app(app)
+serial = itertools.count(1)
+seen = []
+
+@app.get("/")
+def index():
+    session = db.session()
+    if "no" not in session.info:
+        session.info["no"] = next(serial)
+    session.execute(text("select 1"))
+    gevent.sleep(0.005)  # let the other requests interleave
+    assert db.session() is session
+    seen.append(session)  # keep them alive: distinct objects, distinct ids
+    return str(session.info["no"])
+
+@app.get("/raise")
+def fail():
+    db.session.execute(text("select 1"))
+    gevent.sleep(0.001)
+    raise RuntimeError("handler failed")
+
+server = WSGIServer(("127.0.0.1", 0), app, log=None, error_log=None)
+server.start()
+
+def client(path, n):
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=30)
+    try:
+        out = []
+        for _ in range(n):
+            conn.request("GET", path)
+            response = conn.getresponse()
+            body = response.read()
+            out.append(int(body) if response.status == 200 else response.status)
+        return out
+    finally:
+        conn.close()
+
+ok = gevent.joinall([gevent.spawn(client, "/", 3) for _ in range(30)], raise_error=True)
+bad = gevent.joinall([gevent.spawn(client, "/raise", 2) for _ in range(10)], raise_error=True)
+gevent.sleep(0.05)
+with app.app_context():
+    checked_out = db.engine.pool.checkedout()
+print(json.dumps({
+    "numbers": [n for g in ok for n in g.value],
+    "errors": [n for g in bad for n in g.value],
+    "distinct_objects": len({id(s) for s in seen}),
+    "checked_out": checked_out,
+    "registry_len": len(db.session.registry),
+}))
+"""
+
+
+def test_concurrent_gevent_requests_get_distinct_sessions_and_leave_nothing_checked_out() -> None:
+    result: Dict[str, Any] = run_python(_GEVENT, args=["greenscope"])
+    assert len(result["numbers"]) == 90
+    assert len(set(result["numbers"])) == 90
+    assert result["distinct_objects"] == 90
+    assert result["errors"] == [500] * 20
+    assert result["checked_out"] == 0
+    assert result["registry_len"] == 0
