@@ -83,7 +83,9 @@ class async_scoped_session(_stock_async_scoped_session[_AS]):
 
     def __init__(
         self,
-        session_factory: async_sessionmaker[_AS] | Callable[..., _AS],
+        # Callable alone: mypy infers Never from ``async_sessionmaker[_AS] | Callable[..., _AS]``
+        # and would reject ``async_scoped_session(async_sessionmaker(engine))``.
+        session_factory: Callable[..., _AS],
         scopefunc: Optional[Callable[[], Any]] = None,
     ) -> None:
         if _is_sync_factory(session_factory):

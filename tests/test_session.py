@@ -404,7 +404,8 @@ def test_scoped_session_of_a_sessionmaker_type_checks_like_the_stock_class(tmp_p
     """A drop-in must type-check where the stock class does (the package ships ``py.typed``).
 
     Regression: ``session_factory: sessionmaker[_S] | Callable[..., _S]`` made mypy infer
-    ``Never`` and reject ``greenscope.scoped_session(sessionmaker(engine))``.
+    ``Never`` and reject ``greenscope.scoped_session(sessionmaker(engine))``; the same for
+    ``greenscope.asyncio.async_scoped_session(async_sessionmaker(engine))``.
     """
     pytest.importorskip("mypy")
     snippet = tmp_path / "typed_use.py"
@@ -419,6 +420,10 @@ def test_scoped_session_of_a_sessionmaker_type_checks_like_the_stock_class(tmp_p
         "mine = greenscope.scoped_session(sessionmaker(engine, class_=MySession))\n"
         "reveal_type(plain)\n"
         "reveal_type(mine())\n"
+        "from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine\n"
+        "from greenscope.asyncio import async_scoped_session\n"
+        "aio = async_scoped_session(async_sessionmaker(create_async_engine('sqlite+aiosqlite://')))\n"
+        "reveal_type(aio)\n"
     )
     # a subprocess: mypy in this process would keep ~700,000 objects alive for every later
     # gc.collect() of the suite
@@ -444,6 +449,10 @@ def test_scoped_session_of_a_sessionmaker_type_checks_like_the_stock_class(tmp_p
         in out
     )
     assert "MySession" in out.splitlines()[1]
+    assert (
+        'Revealed type is "greenscope.asyncio.async_scoped_session'
+        '[sqlalchemy.ext.asyncio.session.AsyncSession]"' in out
+    )
 
 
 def test_context_copied_into_a_thread_or_greenlet_does_not_share_the_session(
