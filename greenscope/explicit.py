@@ -80,20 +80,7 @@ class scope:
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
     ) -> None:
-        first_error: Optional[BaseException] = None
-        values = self._leave()
-        for index, value in enumerate(values):
-            try:
-                awaitable = _close_raising(value)
-            except Exception as error:
-                _closing.log.exception("greenscope: error closing %r at scope exit", value)
-                first_error = first_error or error
-                continue
-            except BaseException:  # killed or timed out while closing: close the rest elsewhere
-                _close_elsewhere(values[index:])
-                raise
-            if awaitable is not None:  # an AsyncSession left in a sync `with`: close on its loop
-                _closing.close_on_loop_awaitable(value, awaitable, _get_running_loop())
+        first_error = close_at_scope_end(self._leave())
         if first_error is not None and exc_type is None:
             raise first_error
 
@@ -132,8 +119,7 @@ class scope:
         key = self._key
         if key is None:
             raise RuntimeError("this greenscope.scope() is not open")
-        values = [end() for end in reversed(key._ends)]
-        key._ends.clear()
+        values = key.end()
         restored = set()
         for var, token in reversed(self._var_tokens):
             _reset(var, token)
@@ -146,7 +132,7 @@ class scope:
             _reset(scope_var, self._scope_token)
         self._key = self._scope_token = None
         self._var_tokens = []
-        return [value for value in values if value is not None]
+        return values
 
     # -- the decorator ------------------------------------------------------------------
 
@@ -167,6 +153,27 @@ class scope:
                 return fn(*args, **kwargs)
 
         return cast(_F, run)
+
+
+def close_at_scope_end(values: List[Any]) -> Optional[BaseException]:
+    """Close a scope's values in order (``with`` exit, WSGI request end); log errors and
+    return the first. An ``AsyncSession`` left in a sync scope finishes closing on the running
+    loop. If the closing greenlet is killed or timed out meanwhile, the interrupted value and the
+    rest are closed elsewhere before the kill goes on."""
+    first_error: Optional[BaseException] = None
+    for index, value in enumerate(values):
+        try:
+            awaitable = _close_raising(value)
+        except Exception as error:
+            _closing.log.exception("greenscope: error closing %r at scope exit", value)
+            first_error = first_error or error
+            continue
+        except BaseException:  # killed or timed out while closing: close the rest elsewhere
+            _close_elsewhere(values[index:])
+            raise
+        if awaitable is not None:
+            _closing.close_on_loop_awaitable(value, awaitable, _get_running_loop())
+    return first_error
 
 
 def _close_elsewhere(values: List[Any]) -> None:

@@ -58,6 +58,12 @@ class ScopeKey:
         self.owner = owner
         self._ends: List[Callable[[], object]] = []
 
+    def end(self) -> List[Any]:
+        """Run the registries' end hooks, newest first, once; return the values to close."""
+        ends, self._ends = self._ends, []
+        values = [end() for end in reversed(ends)]
+        return [value for value in values if value is not None]
+
     def __repr__(self) -> str:
         return f"<greenscope.ScopeKey owner={self.owner!r} at {id(self):#x}>"
 

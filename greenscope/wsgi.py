@@ -65,9 +65,9 @@ import contextvars
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from . import _closing
-from .explicit import _close_raising
+from .explicit import close_at_scope_end
 from .registry import _all_registries
-from .scoping import ScopeKey, _get_running_loop, current_owner, scope_var
+from .scoping import ScopeKey, current_owner, scope_var
 
 __all__ = ["ScopeMiddleware"]
 
@@ -142,21 +142,7 @@ class _RequestScope:
         if self.ended:
             return
         self.ended = True
-        key = self.key
-        values = [end() for end in reversed(key._ends)]
-        key._ends.clear()
-        first_error: Optional[BaseException] = None
-        for value in values:
-            if value is None:
-                continue
-            try:
-                awaitable = _close_raising(value)
-            except Exception as error:
-                _closing.log.exception("greenscope: error closing %r at request end", value)
-                first_error = first_error or error
-                continue
-            if awaitable is not None:  # an AsyncSession: finish closing on the running loop
-                _closing.close_on_loop_awaitable(value, awaitable, _get_running_loop())
+        first_error = close_at_scope_end(self.key.end())
         if first_error is not None and not failed:
             raise first_error
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 import gevent
+import gevent.event
 import pytest
 from conftest import run_python
 from sqlalchemy import create_engine, text
@@ -68,6 +69,44 @@ def session_app(Session_: Any, seen: List[Any]) -> Callable[..., Iterable[bytes]
 
 
 # -- plain requests -------------------------------------------------------------------------
+
+
+def test_request_killed_while_closing_its_sessions_still_gets_every_session_closed(
+    engine: Engine,
+) -> None:
+    """Regression: the request-end close loop was a copy of ``scope.__exit__``'s without its
+    kill handling, so a kill (or gevent.Timeout) during the first close leaked the others."""
+    in_close, never = gevent.event.Event(), gevent.event.Event()
+
+    class BlocksOnce(Session):
+        blocked = False
+
+        def close(self) -> None:
+            if not BlocksOnce.blocked:
+                BlocksOnce.blocked = True
+                in_close.set()
+                never.wait()  # a ROLLBACK that hangs: the kill lands here
+            super().close()
+
+    one = greenscope.scoped_session(sessionmaker(engine, class_=BlocksOnce))
+    two = greenscope.scoped_session(sessionmaker(engine, class_=BlocksOnce))
+
+    def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        one().execute(text("select 1"))
+        two().execute(text("select 1"))
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    server = FakeServer(ScopeMiddleware(app))
+    job = gevent.spawn(server.request)
+    in_close.wait()
+    held = checked_out(engine)
+    job.kill()  # GreenletExit raised inside the first close, at the response's close()
+    for _ in range(100):  # the closer greenlet finishes the job
+        if checked_out(engine) == 0:
+            break
+        gevent.sleep(0)
+    assert [held, checked_out(engine), len(one.registry), len(two.registry)] == [2, 0, 0, 0]
 
 
 def test_each_request_gets_a_fresh_session_closed_and_removed_after_close(engine: Engine) -> None:
