@@ -93,6 +93,7 @@ def main() -> None:
         conn.exec_driver_sql(
             f"insert into {table} (owner, n) select 'bench', g from generate_series(1, 100) g"
         )
+    ok = False
     procs: Dict[str, subprocess.Popen[bytes]] = {}
     ports: Dict[str, int] = {}
     logs = {}
@@ -176,6 +177,7 @@ def main() -> None:
             "errors": errors,
         }
         print(json.dumps(result))
+        ok = True
     finally:
         for proc in procs.values():
             proc.terminate()
@@ -187,6 +189,8 @@ def main() -> None:
                 proc.wait()
         for log in logs.values():
             log.close()
+            if ok:  # the servers' logs are kept only when something went wrong
+                os.unlink(log.name)
         with engine.begin() as conn:
             conn.exec_driver_sql(f"drop table if exists {table}")
         engine.dispose()
