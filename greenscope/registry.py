@@ -31,6 +31,7 @@ End hooks, in both directions:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import os
 import weakref
@@ -195,8 +196,6 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
         self._requires_task = False
         self.ended_without_remove = 0
         if self.scopefunc is current_scope:
-            import contextvars
-
             self._var = contextvars.ContextVar(f"greenscope.registry.{id(self):#x}", default=None)
         else:
             self._var = None
