@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
+from sqlalchemy.orm import Session
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get("GREENSCOPE_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -150,3 +151,32 @@ def collect() -> None:
 def gc_collect() -> Callable[[], None]:
     """:func:`collect` as a fixture."""
     return collect
+
+
+class CountingSession(Session):
+    """A real Session that records how often it was closed."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.close_calls = 0
+
+    def close(self) -> None:
+        self.close_calls += 1
+        super().close()
+
+
+def session_class_whose_first_close_hangs(in_close: Any, never: Any) -> type[Session]:
+    """A Session class whose first ``close()`` (across all instances) sets ``in_close`` and then
+    waits on ``never``: a ROLLBACK that hangs, for a kill or timeout to land in."""
+
+    class BlocksOnce(Session):
+        blocked = False
+
+        def close(self) -> None:
+            if not BlocksOnce.blocked:
+                BlocksOnce.blocked = True
+                in_close.set()
+                never.wait()
+            super().close()
+
+    return BlocksOnce

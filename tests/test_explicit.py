@@ -10,7 +10,7 @@ from typing import Any, Iterator, List
 import gevent
 import gevent.event
 import pytest
-from conftest import run_python
+from conftest import run_python, session_class_whose_first_close_hangs
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
@@ -334,15 +334,7 @@ def test_greenlet_killed_while_closing_at_scope_exit_still_gets_every_session_cl
     """Regression: a kill (or gevent.Timeout) during the first close leaked every session."""
     in_close, never = gevent.event.Event(), gevent.event.Event()
 
-    class BlocksOnce(Session):
-        blocked = False
-
-        def close(self) -> None:
-            if not BlocksOnce.blocked:
-                BlocksOnce.blocked = True
-                in_close.set()
-                never.wait()  # a ROLLBACK that hangs: the kill lands here
-            super().close()
+    BlocksOnce = session_class_whose_first_close_hangs(in_close, never)  # the kill lands there
 
     one = greenscope.scoped_session(sessionmaker(engine, class_=BlocksOnce))
     two = greenscope.scoped_session(sessionmaker(engine, class_=BlocksOnce))

@@ -15,11 +15,11 @@ from typing import Any, Callable, ClassVar, Dict, Iterator, List, Tuple
 import gevent
 import greenlet
 import pytest
-from conftest import collect
+from conftest import CountingSession, collect
 from greenlet._greenlet import get_pending_cleanup_count, get_total_main_greenlets
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import sessionmaker
 from sqlalchemy.util import ScopedRegistry
 
 import greenscope
@@ -34,18 +34,6 @@ class Value:
 
     def close(self) -> None:
         self.closed += 1
-
-
-class CountingSession(Session):
-    """A real Session that records how often it was closed."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.close_calls = 0
-
-    def close(self) -> None:
-        self.close_calls += 1
-        super().close()
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 import gevent
 import greenlet
 import pytest
-from conftest import collect
+from conftest import CountingSession, collect
 from greenlet._greenlet import get_pending_cleanup_count, get_total_main_greenlets
 from sqlalchemy import create_engine, exc, text
 from sqlalchemy.engine import Engine
@@ -33,18 +33,6 @@ from sqlalchemy.pool import NullPool
 
 import greenscope
 from greenscope import registry as registry_module
-
-
-class CountingSession(Session):
-    """A real Session that records how often it was closed."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.close_calls = 0
-
-    def close(self) -> None:
-        self.close_calls += 1
-        super().close()
 
 
 @pytest.fixture

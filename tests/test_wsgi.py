@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 import gevent
 import gevent.event
 import pytest
-from conftest import run_python
+from conftest import run_python, session_class_whose_first_close_hangs
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -78,15 +78,7 @@ def test_request_killed_while_closing_its_sessions_still_gets_every_session_clos
     kill handling, so a kill (or gevent.Timeout) during the first close leaked the others."""
     in_close, never = gevent.event.Event(), gevent.event.Event()
 
-    class BlocksOnce(Session):
-        blocked = False
-
-        def close(self) -> None:
-            if not BlocksOnce.blocked:
-                BlocksOnce.blocked = True
-                in_close.set()
-                never.wait()  # a ROLLBACK that hangs: the kill lands here
-            super().close()
+    BlocksOnce = session_class_whose_first_close_hangs(in_close, never)  # the kill lands there
 
     one = greenscope.scoped_session(sessionmaker(engine, class_=BlocksOnce))
     two = greenscope.scoped_session(sessionmaker(engine, class_=BlocksOnce))
