@@ -29,7 +29,6 @@ log = logging.getLogger("greenscope")
 
 _queue: List[Any] = []
 _closer_scheduled = False
-_loop_tasks: Set[asyncio.Future[Any]] = set()
 
 #: Values that belonged to the parent at ``os.fork()``. The child keeps them referenced forever
 #: so that no finalizer ever rolls back or closes a connection whose socket is the parent's.
@@ -88,7 +87,8 @@ class _CloseTask(asyncio.Task[None]):
 
 
 class _ShutdownWatch:
-    """The close tasks pending on one loop, and the async generator that guards them.
+    """The close tasks pending on one loop (``tasks`` is what keeps them referenced until done),
+    and the async generator that guards them.
 
     Close tasks created while ``asyncio.run()`` is already cancelling (tasks that ended in its
     cancel step) would be destroyed pending by ``loop.close()``. An async generator iterated on
@@ -138,7 +138,6 @@ def _watch(loop: asyncio.AbstractEventLoop, task: _CloseTask) -> None:
 
 
 def _close_task_done(task: _CloseTask) -> None:
-    _loop_tasks.discard(task)
     if task._deadline is not None:
         task._deadline.cancel()
     loop = task.get_loop()
@@ -175,7 +174,6 @@ def close_on_loop_awaitable(
         _discard(awaitable, value)
         return
     task._deadline = loop.call_later(CLOSE_TIMEOUT, task._expire)
-    _loop_tasks.add(task)
     _watch(loop, task)
     task.add_done_callback(_close_task_done)
 
@@ -223,7 +221,6 @@ def _after_fork_in_child() -> None:
     fork_orphans.extend(_queue)
     _queue.clear()
     _closer_scheduled = False
-    _loop_tasks.clear()
     fork_orphans.extend(_watches.values())  # never finalize the parent's generators
     _watches.clear()
 
