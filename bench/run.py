@@ -134,6 +134,52 @@ TARGETS: List[Tuple[str, str, str, str, str, str, Optional[float]]] = [
         "<=",
         0.7,
     ),
+    # The pure-Python hit path (no C compiler, or GREENSCOPE_PURE=1), in the same rounds:
+    (
+        "pure Python: registry(), main greenlet",
+        "micro",
+        "main.registry",
+        "greenscope_pure",
+        "stock_getcurrent",
+        "<=",
+        None,
+    ),
+    (
+        "pure Python: Session(), main greenlet",
+        "micro",
+        "main.session",
+        "greenscope_pure",
+        "stock_getcurrent",
+        "<=",
+        None,
+    ),
+    (
+        "pure Python: Session.<proxied>, main greenlet",
+        "micro",
+        "main.proxied",
+        "greenscope_pure",
+        "stock_getcurrent",
+        "<=",
+        None,
+    ),
+    (
+        "pure Python: registry(), patched",
+        "micro_patched",
+        "main.registry",
+        "greenscope_pure",
+        "stock_threadlocal",
+        "<=",
+        None,
+    ),
+    (
+        "pure Python: registry(), in a task",
+        "micro",
+        "task.registry",
+        "greenscope_pure",
+        "stock_task",
+        "<=",
+        None,
+    ),
     ("registry(), in a task", "micro", "task.registry", "greenscope", "stock_task", "<=", 1.0),
     ("AsyncSession(), in a task", "micro", "task.session", "greenscope", "stock_task", "<=", 1.0),
     (
@@ -278,7 +324,7 @@ def evaluate(parts: Dict[str, Any]) -> List[Dict[str, Any]]:
     rows = []
     for label, part, figure, cand, base, op, target in TARGETS:
         data = parts.get(part)
-        if not data or figure not in data:
+        if not data or figure not in data or cand not in data[figure]["candidates"]:
             rows.append({"label": label, "skipped": True, "target": target, "op": op})
             continue
         ratio = ratio_between(data[figure], cand, base)

@@ -442,3 +442,24 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _load_speedups() -> Any:
+    """The compiled hit path (greenscope/_speedups.c), unless it was not built or
+    ``GREENSCOPE_PURE=1``. It takes the same decision as ``WeakScopeRegistry.__call__`` above,
+    without a Python frame (docs/performance.md has the figures of both)."""
+    if os.environ.get("GREENSCOPE_PURE", "") not in ("", "0"):
+        return None
+    try:
+        from . import _speedups
+    except ImportError:
+        return None
+    _speedups.setup(WeakScopeRegistry, getcurrent, _get_running_loop, _current_task)
+    return _speedups
+
+
+#: the compiled module, or None when the pure-Python hit paths run
+speedups = _load_speedups()
+if speedups is not None:
+    _Fast = speedups.Fast  # type: ignore[misc]
+    WeakScopeRegistry.__call__ = speedups.HotCall(WeakScopeRegistry.__call__, 0)  # type: ignore[method-assign]
