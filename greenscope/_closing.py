@@ -5,10 +5,11 @@ callback can run inside the garbage collector, an asyncio done-callback runs on 
 None of them may do blocking I/O (DESIGN rule 3), and ``Session.close()`` is I/O (a ROLLBACK
 and a pool check-in). So an end hook only *drops* the entry and hands the value here:
 
-- :func:`close_in_greenlet` - a gevent hub runs: queue it for one closer greenlet that drains
-  the queue (one spawn per burst, not per session);
-- :func:`close_on_loop` - an ``AsyncSession``: a task on its loop, kept referenced until done,
-  which the loop's shutdown (``asyncio.run``) waits for instead of cancelling it;
+- :func:`close_in_greenlet` - a gevent hub runs: queue it for a closer greenlet that drains
+  the queue (one spawn per burst, not per session; another while one is blocked in I/O);
+- :func:`close_on_loop` - an ``AsyncSession``: a closer task on its loop (one per burst of
+  closes without I/O, one per close with I/O), kept referenced until done, which the loop's
+  shutdown (``asyncio.run``) waits for instead of cancelling it;
 - otherwise the registry parks it and closes it on its own next use (``registry._pending``).
 
 Errors while closing are logged on the ``greenscope`` logger, never raised into an unrelated
@@ -18,17 +19,36 @@ greenlet or task.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import inspect
 import logging
 import os
 import sys
-from typing import Any, AsyncGenerator, Awaitable, Dict, List, Optional, Set
+import types
+from typing import (
+    Any,
+    AsyncGenerator,
+    Awaitable,
+    Coroutine,
+    Deque,
+    Dict,
+    Generator,
+    List,
+    Optional,
+    Set,
+    Tuple,
+)
+
+from greenlet import getcurrent
 
 log = logging.getLogger("greenscope")
 
+#: values waiting for a closer greenlet; the greenlet draining them (None: none will again);
+#: whether that greenlet is inside a ``close()`` (see :func:`close_in_greenlet`)
 _queue: List[Any] = []
-_closer_scheduled = False
+_closer: Any = None
+_closer_busy = False
 
 #: Values that belonged to the parent at ``os.fork()``. The child keeps them referenced forever
 #: so that no finalizer ever rolls back or closes a connection whose socket is the parent's.
@@ -45,18 +65,9 @@ def close_now(value: Any) -> Optional[Awaitable[Any]]:
     except Exception:
         log.exception("greenscope: error closing %r after its scope ended", value)
         return None
-    if inspect.isawaitable(result):
-        return result
-    return None
-
-
-async def _await_logged(value: Any, awaitable: Awaitable[Any]) -> None:
-    try:
-        await awaitable
-    except asyncio.CancelledError:  # only the deadline cancels a close (see _CloseTask)
-        log.error("greenscope: closing %r took over %s s; abandoned", value, CLOSE_TIMEOUT)
-    except Exception:
-        log.exception("greenscope: error closing %r after its scope ended", value)
+    if result is None or not inspect.isawaitable(result):  # None: the usual sync close()
+        return None
+    return result
 
 
 #: Seconds a close on a loop may take before it is abandoned (a dead server must not hang exit).
@@ -64,13 +75,13 @@ CLOSE_TIMEOUT = 30.0
 
 
 class _CloseTask(asyncio.Task[None]):
-    """A close that the loop's shutdown waits for instead of cancelling.
+    """A closer: a task that the loop's shutdown waits for instead of cancelling.
 
     ``asyncio.run()`` cancels every pending task before closing the loop. A close cancelled
     before its first step leaves ``AsyncSession.close()`` never awaited and its connection
     checked out; one cancelled midway leaves it half closed. So ``cancel()`` is refused, except
-    by the close's own deadline (:data:`CLOSE_TIMEOUT`): ``asyncio.run`` then simply waits for
-    it in its cancel-and-gather step.
+    by the deadline of the close it waits on (:data:`CLOSE_TIMEOUT`): ``asyncio.run`` then
+    simply waits for it in its cancel-and-gather step.
     """
 
     _expired = False
@@ -87,21 +98,27 @@ class _CloseTask(asyncio.Task[None]):
 
 
 class _ShutdownWatch:
-    """The close tasks pending on one loop (``tasks`` is what keeps them referenced until done),
-    and the async generator that guards them.
+    """The closes pending on one loop, and the async generator that guards them.
 
-    Close tasks created while ``asyncio.run()`` is already cancelling (tasks that ended in its
+    ``queue`` holds the closes not started yet; ``closer`` is the task draining it (None when no
+    closer will look at the queue again); ``tasks`` is every closer not done yet (what keeps them
+    referenced until done, and what shutdown and ``wait_closed()`` wait for).
+
+    Closers created while ``asyncio.run()`` is already cancelling (tasks that ended in its
     cancel step) would be destroyed pending by ``loop.close()``. An async generator iterated on
     the loop is finalized by ``loop.shutdown_asyncgens()``, which ``asyncio.run`` awaits after
     the cancel step: its ``finally`` waits for them. It lives only while closes are pending, so
     it never keeps an idle loop alive.
     """
 
-    __slots__ = ("agen", "closing", "tasks")
+    __slots__ = ("agen", "closer", "closing", "loop", "queue", "tasks")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
         self.agen: Any = None
         self.closing = False
+        self.closer: Optional[_CloseTask] = None
+        self.queue: Deque[Tuple[Any, Awaitable[Any]]] = collections.deque()
         self.tasks: Set[_CloseTask] = set()
 
 
@@ -126,33 +143,120 @@ def _step(awaitable: Any) -> None:
         awaitable.send(None)
 
 
-def _watch(loop: asyncio.AbstractEventLoop, task: _CloseTask) -> None:
+def _watch(loop: asyncio.AbstractEventLoop) -> _ShutdownWatch:
     watch = _watches.get(loop)
     if watch is None:
-        watch = _watches[loop] = _ShutdownWatch()
+        watch = _watches[loop] = _ShutdownWatch(loop)
         if asyncio._get_running_loop() is loop:  # the asyncgen hooks in force are this loop's
             agen = _wait_at_shutdown(watch)
             _step(agen.asend(None))  # first iteration: the loop now tracks it for shutdown
             watch.agen = agen
-    watch.tasks.add(task)
+    return watch
 
 
-def _close_task_done(task: _CloseTask) -> None:
-    if task._deadline is not None:
-        task._deadline.cancel()
-    loop = task.get_loop()
-    watch = _watches.get(loop)
-    if watch is None:
-        return
-    watch.tasks.discard(task)
-    if not watch.tasks and not watch.closing:
-        del _watches[loop]
+def _start_closer(watch: _ShutdownWatch, coro: Coroutine[Any, Any, None]) -> _CloseTask:
+    try:
+        closer = _CloseTask(coro, loop=watch.loop)
+    except BaseException:  # RuntimeError: the loop is closed, or this is not its thread
+        coro.close()
+        raise
+    watch.tasks.add(closer)
+    closer.add_done_callback(_closer_done)
+    return closer
+
+
+def _closer_done(closer: _CloseTask) -> None:
+    if closer._deadline is not None:
+        closer._deadline.cancel()
+    watch = _watches.get(closer.get_loop())
+    if watch is not None:
+        watch.tasks.discard(closer)
+        _forget_if_idle(watch)
+
+
+def _forget_if_idle(watch: _ShutdownWatch) -> None:
+    if not watch.tasks and not watch.closing and _watches.get(watch.loop) is watch:
+        del _watches[watch.loop]
         if watch.agen is not None:
             _step(watch.agen.aclose())  # finish it now: nothing left to wait for
 
 
+async def _drain(watch: _ShutdownWatch) -> None:
+    """The queue's closer: run the queued closes one after another, until the queue is empty or
+    one of them suspends (see :func:`_hand_over`)."""
+    closer = asyncio.current_task()
+    queue = watch.queue
+    try:
+        while queue and watch.closer is closer:
+            value, awaitable = queue.popleft()
+            await _close_one(watch, value, awaitable)
+    finally:
+        if watch.closer is closer:
+            watch.closer = None
+            if queue:  # left by a BaseException: never leave a queued close without a closer
+                watch.closer = _start_closer(watch, _drain(watch))
+
+
+async def _close_alone(watch: _ShutdownWatch, value: Any, awaitable: Awaitable[Any]) -> None:
+    """A closer for one close (see :func:`_hand_over`)."""
+    await _close_one(watch, value, awaitable)
+
+
+@types.coroutine
+def _close_one(
+    watch: _ShutdownWatch, value: Any, awaitable: Awaitable[Any]
+) -> Generator[Any, None, None]:
+    """``await awaitable`` (an async ``close()``) in the closer, logging its errors.
+
+    Most closes finish without suspending (no connection to roll back), so one closer runs a
+    whole burst of them in one step, with no deadline: they cannot hang. A close that suspends
+    does I/O and may take long or hang: at its first suspension it gets its deadline and its
+    closer is dedicated to it from then on (see :func:`_hand_over`).
+    """
+    steps = awaitable.__await__()
+    error: Optional[BaseException] = None
+    suspended = False
+    try:
+        while True:
+            try:
+                pending = steps.send(None) if error is None else steps.throw(error)
+            except StopIteration:
+                return
+            if not suspended:
+                suspended = True
+                _hand_over(watch)
+            try:
+                yield pending  # the task waits on what the close waits on
+                error = None
+            except GeneratorExit:
+                steps.close()
+                raise
+            except BaseException as exc:  # thrown in by the task (the deadline's cancel)
+                error = exc
+    except asyncio.CancelledError:  # only the deadline cancels a closer (see _CloseTask)
+        log.error("greenscope: closing %r took over %s s; abandoned", value, CLOSE_TIMEOUT)
+    except Exception:
+        log.exception("greenscope: error closing %r after its scope ended", value)
+
+
+def _hand_over(watch: _ShutdownWatch) -> None:
+    """The running closer's current close suspended (it does I/O): the close gets its deadline,
+    and the closer its own close only. If it was the queue's closer, every close still queued
+    gets a closer of its own, so that they all run at once, as they may all do I/O; the next
+    close queued starts a new queue's closer."""
+    closer = asyncio.current_task()
+    assert isinstance(closer, _CloseTask)
+    closer._deadline = watch.loop.call_later(CLOSE_TIMEOUT, closer._expire)
+    if watch.closer is closer:
+        watch.closer = None
+        queue = watch.queue
+        while queue:
+            value, awaitable = queue.popleft()
+            _start_closer(watch, _close_alone(watch, value, awaitable))
+
+
 def close_on_loop(value: Any, loop: Optional[asyncio.AbstractEventLoop]) -> None:
-    """Close ``value``; if its ``close()`` is a coroutine, run it as a task on ``loop``."""
+    """Close ``value``; if its ``close()`` is a coroutine, finish it on ``loop``."""
     awaitable = close_now(value)
     if awaitable is not None:
         close_on_loop_awaitable(value, awaitable, loop)
@@ -161,21 +265,44 @@ def close_on_loop(value: Any, loop: Optional[asyncio.AbstractEventLoop]) -> None
 def close_on_loop_awaitable(
     value: Any, awaitable: Awaitable[Any], loop: Optional[asyncio.AbstractEventLoop]
 ) -> None:
-    """Finish an async ``close()`` already started: a task on ``loop`` (the loop's thread),
-    kept referenced until done and waited for, not cancelled, when the loop shuts down."""
+    """Finish an async ``close()`` already started, on ``loop`` (the loop's thread), in a
+    closer task that the loop's shutdown waits for instead of cancelling.
+
+    A session in a transaction has a connection to roll back and return: its close does I/O
+    and gets a closer of its own at once, so such closes run concurrently, as soon as possible.
+    Any other close is queued for the loop's queue closer, which runs a whole burst of them in
+    one step (see :func:`_hand_over` for one that does I/O after all).
+    """
+    alone = _in_transaction(value)
+    watch = _watches.get(loop) if loop is not None else None
+    if watch is not None and watch.closer is not None and not alone:
+        watch.queue.append((value, awaitable))  # the queue's closer will get to it
+        return
     if loop is None or loop.is_closed():
         _discard(awaitable, value)
         return
-    coro = _await_logged(value, awaitable)
+    watch = _watch(loop)
     try:
-        task = _CloseTask(coro, loop=loop)
+        if alone:
+            _start_closer(watch, _close_alone(watch, value, awaitable))
+            return
+        watch.closer = _start_closer(watch, _drain(watch))
     except RuntimeError:  # the loop is shutting down
-        coro.close()
         _discard(awaitable, value)
+        _forget_if_idle(watch)
         return
-    task._deadline = loop.call_later(CLOSE_TIMEOUT, task._expire)
-    _watch(loop, task)
-    task.add_done_callback(_close_task_done)
+    watch.queue.append((value, awaitable))
+
+
+def _in_transaction(value: Any) -> bool:
+    """``value.in_transaction()`` (``AsyncSession``'s), False if it has none or it fails."""
+    in_transaction = getattr(value, "in_transaction", None)
+    if in_transaction is None:
+        return False
+    try:
+        return bool(in_transaction())
+    except Exception:
+        return False
 
 
 def _discard(awaitable: Awaitable[Any], value: Any) -> None:
@@ -194,33 +321,45 @@ def gevent_hub_running() -> bool:
 
 
 def close_in_greenlet(value: Any) -> None:
-    """Queue ``value`` for the closer greenlet of this process (gevent must be running)."""
-    global _closer_scheduled
+    """Queue ``value`` for a closer greenlet of this process (gevent must be running).
+
+    One closer drains a whole burst of ended greenlets' sessions. Seen from here (the hub, or
+    another greenlet), a closer that is inside a ``close()`` is blocked in its I/O (a ROLLBACK):
+    a fresh closer then takes the queue, so closes never wait behind one another's round trip.
+    """
+    global _closer, _closer_busy
     _queue.append(value)
-    if not _closer_scheduled:
-        _closer_scheduled = True
+    if _closer is None or _closer_busy:
         import gevent
 
-        gevent.spawn(_drain_queue)
+        _closer_busy = False
+        _closer = gevent.spawn(_drain_queue)
 
 
 def _drain_queue() -> None:
-    global _closer_scheduled
+    global _closer, _closer_busy
+    me = getcurrent()
     try:
-        while _queue:
+        while _queue and _closer is me:
             value = _queue.pop()
+            _closer_busy = True
             awaitable = close_now(value)
+            if _closer is me:
+                _closer_busy = False
             if awaitable is not None:
                 _discard(awaitable, value)
     finally:
-        _closer_scheduled = False
+        if _closer is me:
+            _closer = None
+            _closer_busy = False
 
 
 def _after_fork_in_child() -> None:
-    global _closer_scheduled
+    global _closer, _closer_busy
     fork_orphans.extend(_queue)
     _queue.clear()
-    _closer_scheduled = False
+    _closer = None
+    _closer_busy = False
     fork_orphans.extend(_watches.values())  # never finalize the parent's generators
     _watches.clear()
 
