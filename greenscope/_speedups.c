@@ -217,6 +217,7 @@ hot_for(PyObject *obj, int kind)
 typedef struct {
     PyObject_HEAD
     PyObject *fallback;
+    PyObject *wrapped;
     int kind;
     vectorcallfunc vectorcall;
 } HotObject;
@@ -225,6 +226,7 @@ static int
 hot_traverse(HotObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->fallback);
+    Py_VISIT(self->wrapped);
     return 0;
 }
 
@@ -232,6 +234,7 @@ static int
 hot_clear(HotObject *self)
 {
     Py_CLEAR(self->fallback);
+    Py_CLEAR(self->wrapped);
     return 0;
 }
 
@@ -259,10 +262,10 @@ hotcall_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyO
 static PyObject *
 hot_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    PyObject *fallback;
+    PyObject *fallback, *wrapped = NULL;
     int kind;
-    static char *kwlist[] = {"fallback", "kind", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Oi", kwlist, &fallback, &kind)) {
+    static char *kwlist[] = {"fallback", "kind", "wrapped", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Oi|O", kwlist, &fallback, &kind, &wrapped)) {
         return NULL;
     }
     if (!PyCallable_Check(fallback) || kind < 0 || kind > 2) {
@@ -274,6 +277,7 @@ hot_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     }
     self->fallback = Py_NewRef(fallback);
+    self->wrapped = Py_NewRef(wrapped != NULL ? wrapped : fallback);
     self->kind = kind;
     self->vectorcall = hotcall_vectorcall;
     return (PyObject *)self;
@@ -288,7 +292,8 @@ hotcall_get(PyObject *self, PyObject *obj, PyObject *type)
     return PyMethod_New(self, obj);
 }
 
-/* ``__wrapped__``, ``__doc__``, ``__name__``... are the fallback's, for inspect and help(). */
+/* ``__doc__``, ``__name__``... are those of ``__wrapped__`` (the pure-Python twin), for inspect
+ * and help(). */
 static PyObject *
 hot_getattro(PyObject *self, PyObject *name)
 {
@@ -297,13 +302,13 @@ hot_getattro(PyObject *self, PyObject *name)
         return found;
     }
     PyErr_Clear();
-    return PyObject_GetAttr(((HotObject *)self)->fallback, name);
+    return PyObject_GetAttr(((HotObject *)self)->wrapped, name);
 }
 
 static PyObject *
 hot_forward(PyObject *self, void *name)
 {
-    return PyObject_GetAttrString(((HotObject *)self)->fallback, (const char *)name);
+    return PyObject_GetAttrString(((HotObject *)self)->wrapped, (const char *)name);
 }
 
 static PyGetSetDef hot_getset[] = {
@@ -315,7 +320,8 @@ static PyGetSetDef hot_getset[] = {
 };
 
 static PyMemberDef hot_members[] = {
-    {"__wrapped__", T_OBJECT, offsetof(HotObject, fallback), READONLY, "the pure-Python path"},
+    {"__wrapped__", T_OBJECT, offsetof(HotObject, wrapped), READONLY, "the pure-Python twin"},
+    {"fallback", T_OBJECT, offsetof(HotObject, fallback), READONLY, "called on a miss"},
     {"kind", T_INT, offsetof(HotObject, kind), READONLY, "0 registry, 1 sync session, 2 async"},
     {NULL},
 };
@@ -326,7 +332,8 @@ static PyTypeObject HotCallType = {
     .tp_basicsize = sizeof(HotObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL
         | Py_TPFLAGS_METHOD_DESCRIPTOR,
-    .tp_doc = "HotCall(fallback, kind): a ``__call__`` that returns the cached value on a hit.",
+    .tp_doc = "HotCall(fallback, kind, wrapped=fallback): a ``__call__`` that returns the cached\n"
+              "value on a hit and calls ``fallback`` (the slow path) on a miss.",
     .tp_new = hot_new,
     .tp_traverse = (traverseproc)hot_traverse,
     .tp_clear = (inquiry)hot_clear,
@@ -366,7 +373,8 @@ static PyTypeObject HotPropertyType = {
     .tp_name = "greenscope._speedups.HotProperty",
     .tp_basicsize = sizeof(HotObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "HotProperty(fget, kind): a property returning the cached value on a hit.",
+    .tp_doc = "HotProperty(fallback, kind, wrapped=fallback): a property returning the cached\n"
+              "value on a hit and ``fallback(obj)`` on a miss.",
     .tp_new = hot_new,
     .tp_traverse = (traverseproc)hot_traverse,
     .tp_clear = (inquiry)hot_clear,

@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import async_scoped_session as _stock_async_scoped_s
 from sqlalchemy.orm import Session
 
 from . import _closing
-from .registry import WeakScopeRegistry
+from .registry import WeakScopeRegistry, compile_hit_path, speedups
 from .scoping import _current_task, _get_running_loop
 
 __all__ = ["async_scoped_session", "wait_closed"]
@@ -165,3 +165,8 @@ async def wait_closed() -> None:
         if watch is None or not watch.tasks:
             return
         await _asyncio.wait(list(watch.tasks))
+
+
+if speedups is not None:  # the same two hit paths, compiled (greenscope/_speedups.c)
+    compile_hit_path(async_scoped_session, "__call__", _stock_async_scoped_session.__call__, 2)
+    compile_hit_path(async_scoped_session, "_proxied", _stock_async_scoped_session._proxied.fget, 2)  # type: ignore[attr-defined]

@@ -2,7 +2,7 @@
 
 The data structure, for one registry::
 
-    registry._entries : id(key) -> _Entry(key_ref=weakref(key), value, fast)
+    registry._entries : id(key) -> _Entry: a weakref(key) holding value and fast_ref
     registry.registry : key -> value            (keys that cannot be weakly referenced)
     registry._var     : ContextVar -> _Fast(owner, value)   (default scope only)
 
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
 import os
 import weakref
 from typing import Any, Callable, Dict, Generic, Iterator, List, Optional, TypeVar
@@ -45,7 +44,6 @@ from .scoping import (
     ScopeKey,
     _current_task,
     _get_running_loop,
-    current_owner,
     current_scope,
 )
 
@@ -67,23 +65,40 @@ class _Fast:
         self.value = value
 
 
-class _Entry:
-    """One live scope in one registry, stored at ``registry._entries[key_id]``."""
+class _Entry(weakref.ref):  # type: ignore[type-arg]
+    """One live scope in one registry, stored at ``registry._entries[key_id]``.
 
-    __slots__ = ("fast_ref", "hook", "key_id", "key_ref", "origin", "value")
+    The entry *is* the weak reference to its key (``entry()`` is the key while it lives, and
+    ``_collected`` its callback), so a scope costs one object here rather than an entry, a weak
+    reference and a callback bound to it. Made only by :func:`_new_entry`.
+    """
 
-    def __init__(self, key_id: int, value: Any) -> None:
-        self.key_id = key_id
-        #: where the value was created, with ``GREENSCOPE_TRACE=1`` (for diagnostics)
-        self.origin: Optional[str] = _origin() if _TRACE else None
-        self.key_ref: Callable[[], Any] = _nothing
-        self.value = value
-        # Weak: a ``_Fast`` holds its owner strongly and must live only as long as the contexts
-        # that cache it, or ``_entries`` would keep every greenlet alive through it.
-        self.fast_ref: Callable[[], Optional[_Fast]] = _nothing
-        # The end hook added to the key (done-callback, rawlink, scope end), so that clear()
-        # can take it off again; kill() drops it, which breaks the entry -> hook -> entry cycle.
-        self.hook: Optional[Callable[..., object]] = None
+    __slots__ = ("fast_ref", "hook", "key_id", "origin", "registry_ref", "value")
+
+    key_id: int
+    #: the registry, weakly (entries must not keep it alive): the callbacks find it through this
+    registry_ref: Callable[[], Optional[WeakScopeRegistry[Any]]]
+    #: where the value was created, with ``GREENSCOPE_TRACE=1`` (for diagnostics)
+    origin: Optional[str]
+    value: Any
+    #: Weak: a ``_Fast`` holds its owner strongly and must live only as long as the contexts
+    #: that cache it, or ``_entries`` would keep every greenlet alive through it.
+    fast_ref: Callable[[], Optional[_Fast]]
+    #: The end hook added to the key (done-callback, rawlink, scope end), so that clear() can
+    #: take it off again; kill() drops it, which breaks the entry -> hook -> entry cycle.
+    hook: Optional[Callable[..., object]]
+
+    def greenlet_ended(self, _glet: object) -> None:
+        """The end hook of a gevent Greenlet (``rawlink``): runs in the hub, once for every
+        greenlet that used a session and ended, so ``_end`` is inlined here."""
+        registry = self.registry_ref()
+        if registry is not None and registry._entries.get(self.key_id) is self:
+            del registry._entries[self.key_id]
+            origin = self.origin
+            value = self.kill()
+            if value is not None:
+                registry._note_unremoved(value, origin)
+                _closing.close_in_greenlet(value)
 
     def fast(self, owner: object) -> _Fast:
         """The ``_Fast`` for ``owner``, reused while some context still caches it."""
@@ -170,6 +185,7 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
         "_hot_var",
         "_pending",
         "_requires_task",
+        "_self_ref",
         "_var",
         "ended_without_remove",
     )
@@ -200,6 +216,7 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
         else:
             self._var = None
         self._hot_var = self._var
+        self._self_ref = weakref.ref(self)  # for every entry's weakref callback
         _all_registries.add(self)
         weakref.finalize(self, _abandon, self._entries)
 
@@ -230,7 +247,7 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
             self._close_pending()
         key = self.scopefunc()
         entry = self._entries.get(id(key))
-        if entry is not None and entry.key_ref() is key:
+        if entry is not None and entry() is key:
             self._cache(key, entry)
             return entry.value  # type: ignore[no-any-return]
         strong = self.registry
@@ -284,7 +301,7 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
 
     def _find(self, key: Any) -> Optional[_Entry]:
         entry = self._entries.get(id(key))
-        if entry is not None and entry.key_ref() is key:
+        if entry is not None and entry() is key:
             return entry
         return None
 
@@ -305,6 +322,8 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
                 "Call it from a coroutine running on an event loop, or open "
                 "`async with greenscope.scope():` first."
             )
+        if type(key).__weakrefoffset__:  # the type supports weak references: the common case
+            return False
         try:
             weakref.ref(key)
         except TypeError:
@@ -312,12 +331,14 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
         return False
 
     def _cache(self, key: Any, entry: _Entry) -> None:
-        """Publish ``entry`` to this context's fast path when the key is the caller's own."""
-        if self._var is None:
-            return
-        owner = key.owner if isinstance(key, ScopeKey) else key
-        if owner is current_owner():
-            self._var.set(entry.fast(owner))
+        """Publish ``entry`` to this context's fast path (default scope only).
+
+        ``key`` came from ``current_scope()`` in this context, so its owner is the caller; and
+        even a stale or foreign owner could never hit, since every hit verifies the owner.
+        """
+        var = self._var
+        if var is not None:
+            var.set(entry.fast(key.owner if type(key) is ScopeKey else key))
 
     # -- storing and ending -------------------------------------------------------------
 
@@ -326,24 +347,24 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
         old = self._entries.get(key_id)
         if old is not None:  # its key is dead (same id, not the same object); callback pending
             self._park(self._drop(old))
-        entry = _Entry(key_id, value)
-        # The callback must not hold ``entry`` (entry -> key_ref -> callback -> entry would make
-        # every entry cyclic garbage): it finds the entry by id and verifies it by its weakref.
-        entry.key_ref = weakref.ref(key, functools.partial(_collected, weakref.ref(self), key_id))
+        entry = _new_entry(key, self._self_ref, key_id, value)
         self._entries[key_id] = entry
-        if isinstance(key, ScopeKey):
-            entry.hook = lambda: self._drop(entry)
-            key._ends.append(entry.hook)
+        rawlink = getattr(key, "rawlink", None)
+        if rawlink is not None:  # a gevent Greenlet (the churn case: checked first)
+            entry.hook = entry.greenlet_ended
+            rawlink(entry.hook)
         elif isinstance(key, asyncio.Future):
             loop = key.get_loop()
             entry.hook = lambda _task: self._end(entry, loop)
             key.add_done_callback(entry.hook)
-        else:
-            rawlink = getattr(key, "rawlink", None)  # a gevent Greenlet
-            if rawlink is not None:
-                entry.hook = lambda _glet: self._end(entry, None)
-                rawlink(entry.hook)
-        self._cache(key, entry)
+        elif isinstance(key, ScopeKey):
+            entry.hook = lambda: self._drop(entry)
+            key._ends.append(entry.hook)
+        var = self._var
+        if var is not None:  # as ``_cache``, inlined: a new entry has no ``_Fast`` yet
+            fast = _Fast(key.owner if type(key) is ScopeKey else key, value)
+            entry.fast_ref = weakref.ref(fast)
+            var.set(fast)
 
     def _drop(self, entry: _Entry) -> Any:
         """Remove ``entry`` if it is still live; return the value it held (None if it was not)."""
@@ -406,14 +427,29 @@ def _unhook(key: Any, hook: Optional[Callable[..., object]]) -> None:
             unlink(hook)
 
 
-def _collected(
-    registry_ref: weakref.ref[WeakScopeRegistry[Any]], key_id: int, key_ref: weakref.ref[Any]
-) -> None:
-    """A key was garbage collected. Runs inside the GC: no I/O, only park the value."""
-    registry = registry_ref()
+def _new_entry(
+    key: Any,
+    registry_ref: Callable[[], Optional[WeakScopeRegistry[Any]]],
+    key_id: int,
+    value: Any,
+) -> _Entry:
+    # ``weakref.ref``'s own constructor (no Python ``__init__`` on the hot store path). The
+    # callback gets the entry itself; it must hold nothing else, or the entry would be cyclic.
+    entry = _Entry(key, _collected)
+    entry.key_id = key_id
+    entry.registry_ref = registry_ref
+    entry.origin = _origin() if _TRACE else None
+    entry.value = value
+    entry.fast_ref = _nothing
+    entry.hook = None
+    return entry
+
+
+def _collected(entry: _Entry) -> None:
+    """An entry's key was garbage collected. Runs inside the GC: no I/O, only park the value."""
+    registry = entry.registry_ref()
     if registry is not None:
-        entry = registry._entries.get(key_id)
-        if entry is None or entry.key_ref is not key_ref:
+        if registry._entries.get(entry.key_id) is not entry:
             return  # already dropped (remove(), end hook), or the id now belongs to a new key
         origin = entry.origin
         value = registry._drop(entry)
@@ -460,6 +496,20 @@ def _load_speedups() -> Any:
 
 #: the compiled module, or None when the pure-Python hit paths run
 speedups = _load_speedups()
+
+
+def compile_hit_path(cls: type, name: str, slow_path: Callable[..., Any], kind: int) -> None:
+    """Swap ``cls.<name>``, a pure-Python hit path (a method or a property), for its compiled
+    twin: the same decision in C, and on a miss straight to ``slow_path`` (the pure check would
+    only miss again). The pure function stays reachable as ``__wrapped__`` (bench/micro.py)."""
+    assert speedups is not None
+    pure = cls.__dict__[name]
+    if isinstance(pure, property):
+        setattr(cls, name, speedups.HotProperty(slow_path, kind, pure.fget))
+    else:
+        setattr(cls, name, speedups.HotCall(slow_path, kind, pure))
+
+
 if speedups is not None:
     _Fast = speedups.Fast  # type: ignore[misc]
-    WeakScopeRegistry.__call__ = speedups.HotCall(WeakScopeRegistry.__call__, 0)  # type: ignore[method-assign]
+    compile_hit_path(WeakScopeRegistry, "__call__", WeakScopeRegistry._lookup, 0)

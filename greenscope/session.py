@@ -12,7 +12,7 @@ from greenlet import getcurrent
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session as _stock_scoped_session
 
-from .registry import WeakScopeRegistry, speedups
+from .registry import WeakScopeRegistry, compile_hit_path, speedups
 from .scoping import _get_running_loop
 
 __all__ = ["scoped_session"]
@@ -107,5 +107,5 @@ class scoped_session(_stock_scoped_session[_S]):
 
 
 if speedups is not None:  # the same two hit paths, compiled (greenscope/_speedups.c)
-    scoped_session.__call__ = speedups.HotCall(scoped_session.__call__, 1)  # type: ignore[method-assign]
-    scoped_session._proxied = speedups.HotProperty(scoped_session._proxied.fget, 1)  # type: ignore[method-assign,attr-defined]
+    compile_hit_path(scoped_session, "__call__", _stock_scoped_session.__call__, 1)
+    compile_hit_path(scoped_session, "_proxied", _stock_scoped_session._proxied.fget, 1)  # type: ignore[attr-defined]

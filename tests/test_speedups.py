@@ -77,6 +77,7 @@ def test_hit_path_tests_pass_with_the_pure_python_path_too() -> None:
             "tests/test_registry.py",
             "tests/test_session.py",
             "tests/test_sqlalchemy_scoping_port.py",
+            "tests/test_asyncio_sqlalchemy_port.py",
         ],
         cwd=str(ROOT),
         capture_output=True,
