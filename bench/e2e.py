@@ -7,6 +7,12 @@ free loopback ports, both at once, then alternates bounded load bursts from a se
 (``bench/loadgen.py``) between them, round after round, so drift hits both alike. Prints one JSON
 object: per-round requests/s and p99 latency, medians and the ratios to the stock configuration.
 Every process started here is killed in a ``finally``; the table is dropped.
+
+The two servers differ only in what a user changes to adopt greenscope: the app
+(``BENCH_MODE``: ``ScopeMiddleware`` and ``greenscope.scoped_session`` instead of ``remove()``)
+and ``-c python:greenscope.gunicorn``. Every setting that config module sets (worker class,
+``worker_connections``, ``keepalive``) is also given on both command lines, with the config's
+values; the command line wins over a config file in gunicorn, so both run the same settings.
 """
 
 from __future__ import annotations
@@ -37,6 +43,10 @@ elif QUICK:
 else:
     ROUNDS, SECONDS, CONNECTIONS = 10, 3.0, 16
 MODES = ["stock", "greenscope"]
+#: what a user adds to run greenscope under gunicorn; nothing else differs between the servers
+MODE_ARGS = {"stock": [], "greenscope": ["-c", "python:greenscope.gunicorn"]}
+#: the settings ``greenscope.gunicorn`` sets, pinned on both command lines
+SERVER_ARGS = ["-k", "gevent", "-w", "1", "--worker-connections", "1000", "--keep-alive", "5"]
 #: one pooled connection per client connection: no request waits for the pool, so the figure
 #: is the cost of scoping, not of queueing (2 servers x 16 = 32 PostgreSQL connections)
 POOL = 16
@@ -62,6 +72,18 @@ def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) ->
             pass
         time.sleep(0.2)
     raise RuntimeError(f"gunicorn on port {port} not ready in {timeout} s")
+
+
+def worker_cpu(master: int) -> float:
+    """CPU seconds (user + system) used so far by the workers of one gunicorn master (Linux).
+
+    The worker is the bottleneck of this benchmark, so its CPU time per request is the same
+    comparison as requests/s, without the noise of whatever else shares the machine."""
+    total = 0.0
+    for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split():
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def load(port: int, seconds: float) -> Dict[str, Any]:
@@ -115,12 +137,8 @@ def main() -> None:
                     sys.executable,
                     "-m",
                     "gunicorn",
-                    "-k",
-                    "gevent",
-                    "-w",
-                    "1",
-                    "--worker-connections",
-                    "1000",
+                    *MODE_ARGS[mode],
+                    *SERVER_ARGS,
                     "-b",
                     f"127.0.0.1:{ports[mode]}",
                     "--pythonpath",
@@ -141,11 +159,15 @@ def main() -> None:
         rps: Dict[str, List[float]] = {m: [] for m in MODES}
         p99: Dict[str, List[float]] = {m: [] for m in MODES}
         p50: Dict[str, List[float]] = {m: [] for m in MODES}
+        cpu_us: Dict[str, List[float]] = {m: [] for m in MODES}
         errors = {m: 0 for m in MODES}
         for rnd in range(ROUNDS):
             order = MODES if rnd % 2 == 0 else MODES[::-1]
             for mode in order:
+                cpu_before = worker_cpu(procs[mode].pid)
                 res = load(ports[mode], SECONDS)
+                cpu = worker_cpu(procs[mode].pid) - cpu_before
+                cpu_us[mode].append(cpu / max(res["requests"], 1) * 1e6)
                 rps[mode].append(res["rps"])
                 p99[mode].append(res["p99_ms"])
                 p50[mode].append(res["p50_ms"])
@@ -173,6 +195,11 @@ def main() -> None:
                 "higher_is_better": False,
                 "unit": "ms",
                 "candidates": summarize(p50, "stock"),
+            },
+            "worker_cpu_us": {
+                "higher_is_better": False,
+                "unit": "CPU us per request in the gunicorn worker",
+                "candidates": summarize(cpu_us, "stock"),
             },
             "errors": errors,
         }

@@ -206,7 +206,7 @@ def _close_raising(value: Any) -> Optional[Awaitable[Any]]:
     if close is None:
         return None
     result = close()
-    return result if inspect.isawaitable(result) else None
+    return result if result is not None and inspect.isawaitable(result) else None
 
 
 def _reset(var: contextvars.ContextVar[Any], token: contextvars.Token[Any]) -> None:

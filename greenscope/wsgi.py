@@ -14,9 +14,11 @@ with server code (header writing, logging, the next request's parsing) in betwee
   request starts. The application call, every ``next()`` of the response iterable and its
   ``close()`` each run inside that context (``Context.run``), where ``current_scope()`` is the
   request's key and every registry's fast-path cache starts empty (as on entering
-  :func:`greenscope.scope`). Nothing set there - the scope, the registries' caches, context
-  variables the application sets - leaks into the server code between two steps, and the request
-  still sees its own values at the next step (the fast path stays warm across body chunks).
+  :func:`greenscope.scope`); a ``list`` or ``tuple`` body, whose steps run no application code,
+  is iterated by the server through the list's own iterator. Nothing set there - the scope, the
+  registries' caches, context variables the application sets - leaks into the server code between
+  two steps, and the request still sees its own values at the next step (the fast path stays warm
+  across body chunks).
 - **The scope is closed** - its sessions closed and removed, errors logged - after the wrapped
   iterable's ``close()`` when the server calls ``close()`` on the response; at once when the
   application raises in the call; and at once when an iteration step raises (the wrapped
@@ -104,29 +106,37 @@ class ScopeMiddleware:
         self.app = app
 
     def __call__(self, environ: Any, start_response: _StartResponse) -> Iterable[bytes]:
-        request = _RequestScope(environ)
+        request = _Request(environ)
         try:
-            result: Iterable[bytes] = request.run(self.app, environ, start_response)
+            # One Context.run: the scope is entered and the application called inside it.
+            result: Iterable[bytes] = request.context.run(
+                _enter_and_call, request, self.app, environ, start_response
+            )
         except BaseException:
             request.end(failed=True)
             raise
-        file_wrapper = environ.get("wsgi.file_wrapper") if isinstance(environ, dict) else None
-        is_file = isinstance(file_wrapper, type) and isinstance(result, file_wrapper)
-        if is_file and _chain_close(result, request):
-            return result
-        return _ClosingIterable(result, request)
+        if type(result) is not list:  # a list is never the server's file wrapper
+            file_wrapper = environ.get("wsgi.file_wrapper") if isinstance(environ, dict) else None
+            is_file = isinstance(file_wrapper, type) and isinstance(result, file_wrapper)
+            if is_file and _chain_close(result, request):
+                return result
+        request.result = result
+        return request
 
 
-class _RequestScope:
-    """One request's scope key and the contextvars Context its steps run in."""
+class _Request:
+    """One request: its scope key, the contextvars Context its steps run in, and the response
+    body handed to the server (stepped inside the scope; ``close()`` ends the scope)."""
 
-    __slots__ = ("context", "ended", "key")
+    __slots__ = ("context", "ended", "inner_closed", "iterator", "key", "result")
 
     def __init__(self, environ: Any) -> None:
         key = self.key = ScopeKey(current_owner())
         self.ended = False
-        context = self.context = contextvars.copy_context()
-        context.run(_enter, key)
+        self.context = contextvars.copy_context()
+        self.result: Iterable[bytes] = ()
+        self.iterator: Optional[Iterator[bytes]] = None
+        self.inner_closed = False
         if isinstance(environ, dict):
             environ["greenscope.scope"] = key
 
@@ -146,38 +156,23 @@ class _RequestScope:
         if first_error is not None and not failed:
             raise first_error
 
+    # -- the response iterable ------------------------------------------------------------
 
-def _enter(key: ScopeKey) -> None:
-    """Inside the request's Context: make ``key`` current, hide every registry's cached value."""
-    scope_var.set(key)
-    for registry in list(_all_registries):
-        var = registry._var
-        if var is not None:
-            var.set(None)
-
-
-class _ClosingIterable:
-    """The response body, stepped inside the request's scope; ends the scope on ``close()``."""
-
-    __slots__ = ("_inner_closed", "_iterator", "_request", "_result")
-
-    def __init__(self, result: Iterable[bytes], request: _RequestScope) -> None:
-        self._result = result
-        self._request = request
-        self._iterator: Optional[Iterator[bytes]] = None
-        self._inner_closed = False
-
-    def __iter__(self) -> _ClosingIterable:
+    def __iter__(self) -> Iterator[bytes]:
+        result = self.result
+        if type(result) is list or type(result) is tuple:
+            # Stepping a list runs no application code: the server gets the C iterator, and
+            # close() (on this object) still ends the scope.
+            return iter(result)
         return self
 
     def __next__(self) -> bytes:
-        request = self._request
-        if request.ended:
+        if self.ended:
             raise StopIteration
         try:
-            if self._iterator is None:
-                self._iterator = request.run(iter, self._result)
-            return request.run(next, self._iterator)  # type: ignore[no-any-return]
+            if self.iterator is None:
+                self.iterator = self.run(iter, self.result)
+            return self.run(next, self.iterator)  # type: ignore[no-any-return]
         except StopIteration:
             raise
         except BaseException:
@@ -192,22 +187,36 @@ class _ClosingIterable:
         self._close_inner(failed=False)
 
     def _close_inner(self, failed: bool) -> None:
-        request = self._request
         try:
-            if not self._inner_closed:
-                self._inner_closed = True
-                close = getattr(self._result, "close", None)
-                if close is not None and not request.ended:
-                    request.run(close)
+            if not self.inner_closed:
+                self.inner_closed = True
+                close = getattr(self.result, "close", None)
+                if close is not None and not self.ended:
+                    self.run(close)
                 elif close is not None:
                     close()
         except BaseException:
-            request.end(failed=True)
+            self.end(failed=True)
             raise
-        request.end(failed=failed)
+        self.end(failed=failed)
 
 
-def _chain_close(result: Any, request: _RequestScope) -> bool:
+def _enter_and_call(request: _Request, app: _WSGIApp, *args: Any) -> Iterable[bytes]:
+    """Inside the request's fresh Context: make its key current, hide every registry's cached
+    value, then call the application."""
+    # The copy of an empty context holds no cached value (gunicorn's and pywsgi's connection
+    # greenlets run with an empty one: each request's variables live in its own copy).
+    hide = len(request.context) > 0
+    scope_var.set(request.key)
+    if hide:
+        for registry in _all_registries:
+            var = registry._var
+            if var is not None:
+                var.set(None)
+    return app(*args)
+
+
+def _chain_close(result: Any, request: _Request) -> bool:
     """Chain the scope's end onto a server file wrapper's ``close``; False if it refuses."""
     inner: Optional[Callable[[], Any]] = getattr(result, "close", None)
 

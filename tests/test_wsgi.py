@@ -141,6 +141,28 @@ def test_session_stays_open_until_the_server_calls_close(engine: Engine) -> None
     assert checked_out(engine) == 0
 
 
+@pytest.mark.parametrize("body", [[b"o", b"k"], (b"o", b"k")])
+def test_list_body_is_stepped_by_its_own_iterator_and_still_ends_at_close(
+    engine: Engine, body: Iterable[bytes]
+) -> None:
+    """A list or tuple body runs no application code when stepped: the server gets the C
+    iterator (no Python frame, no Context switch per chunk); close() still ends the scope."""
+    Session_ = greenscope.scoped_session(sessionmaker(engine))
+
+    def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        Session_().execute(text("select 1"))
+        start_response("200 OK", [])
+        return body
+
+    result = FakeServer(ScopeMiddleware(app)).call()
+    iterator = iter(result)
+    assert type(iterator) is type(iter(body))
+    assert b"".join(iterator) == b"ok"
+    assert checked_out(engine) == 1  # the request's session stays open until close()
+    result.close()  # type: ignore[attr-defined]
+    assert (checked_out(engine), len(Session_.registry)) == (0, 0)
+
+
 # -- streaming ---------------------------------------------------------------------------
 
 
