@@ -73,11 +73,15 @@ class _Entry(weakref.ref):  # type: ignore[type-arg]
     reference and a callback bound to it. Made only by :func:`_new_entry`.
     """
 
-    __slots__ = ("fast_ref", "hook", "key_id", "origin", "registry_ref", "value")
+    __slots__ = ("fast_ref", "hook", "keep", "key_id", "origin", "registry_ref", "value")
 
     key_id: int
-    #: the registry, weakly (entries must not keep it alive): the callbacks find it through this
+    #: the registry, weakly: the end hooks and ``_collected`` find it through this
     registry_ref: Callable[[], Optional[WeakScopeRegistry[Any]]]
+    #: The registry, strongly, while an end hook is on the key: a greenlet, task or scope that
+    #: will call back keeps its registry alive until it ends, so a registry its user dropped
+    #: still closes what it holds. ``kill()`` lets go.
+    keep: Optional[WeakScopeRegistry[Any]]
     #: where the value was created, with ``GREENSCOPE_TRACE=1`` (for diagnostics)
     origin: Optional[str]
     value: Any
@@ -87,6 +91,17 @@ class _Entry(weakref.ref):  # type: ignore[type-arg]
     #: The end hook added to the key (done-callback, rawlink, scope end), so that clear() can
     #: take it off again; kill() drops it, which breaks the entry -> hook -> entry cycle.
     hook: Optional[Callable[..., object]]
+
+    def task_ended(self, task: asyncio.Future[Any]) -> None:
+        """The end hook of an asyncio Task (a done-callback, on its loop)."""
+        registry = self.registry_ref()
+        if registry is not None:
+            registry._end(self, task.get_loop())
+
+    def scope_ended(self) -> Any:
+        """The end hook of an explicit scope: drop the entry, return the value to close."""
+        registry = self.registry_ref()
+        return None if registry is None else registry._drop(self)
 
     def greenlet_ended(self, _glet: object) -> None:
         """The end hook of a gevent Greenlet (``rawlink``): runs in the hub, once for every
@@ -117,7 +132,7 @@ class _Entry(weakref.ref):  # type: ignore[type-arg]
     def kill(self) -> Any:
         """Empty the entry (and its cached ``_Fast``); return the value it held."""
         value, self.value = self.value, None
-        self.hook = None
+        self.hook = self.keep = None
         fast, self.fast_ref = self.fast_ref(), _nothing
         if fast is not None:
             fast.owner = _DEAD
@@ -216,7 +231,7 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
         else:
             self._var = None
         self._hot_var = self._var
-        self._self_ref = weakref.ref(self)  # for every entry's weakref callback
+        self._self_ref = weakref.ref(self)  # shared by every entry
         _all_registries.add(self)
         weakref.finalize(self, _abandon, self._entries)
 
@@ -351,14 +366,13 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
         self._entries[key_id] = entry
         rawlink = getattr(key, "rawlink", None)
         if rawlink is not None:  # a gevent Greenlet (the churn case: checked first)
-            entry.hook = entry.greenlet_ended
+            entry.hook, entry.keep = entry.greenlet_ended, self
             rawlink(entry.hook)
         elif isinstance(key, asyncio.Future):
-            loop = key.get_loop()
-            entry.hook = lambda _task: self._end(entry, loop)
+            entry.hook, entry.keep = entry.task_ended, self
             key.add_done_callback(entry.hook)
         elif isinstance(key, ScopeKey):
-            entry.hook = lambda: self._drop(entry)
+            entry.hook, entry.keep = entry.scope_ended, self
             key._ends.append(entry.hook)
         var = self._var
         if var is not None:  # as ``_cache``, inlined: a new entry has no ``_Fast`` yet
@@ -438,6 +452,7 @@ def _new_entry(
     entry = _Entry(key, _collected)
     entry.key_id = key_id
     entry.registry_ref = registry_ref
+    entry.keep = None
     entry.origin = _origin() if _TRACE else None
     entry.value = value
     entry.fast_ref = _nothing
@@ -448,9 +463,7 @@ def _new_entry(
 def _collected(entry: _Entry) -> None:
     """An entry's key was garbage collected. Runs inside the GC: no I/O, only park the value."""
     registry = entry.registry_ref()
-    if registry is not None:
-        if registry._entries.get(entry.key_id) is not entry:
-            return  # already dropped (remove(), end hook), or the id now belongs to a new key
+    if registry is not None and registry._entries.get(entry.key_id) is entry:  # else dropped
         origin = entry.origin
         value = registry._drop(entry)
         if value is not None:

@@ -42,6 +42,7 @@ from sqlalchemy.orm import (
 import greenscope
 from greenscope import WeakScopeRegistry
 from greenscope.asyncio import async_scoped_session, wait_closed
+from greenscope.registry import _Entry
 
 _T = TypeVar("_T")
 
@@ -103,7 +104,9 @@ def run(engine_url: str, scenario: Callable[[AsyncEngine], Awaitable[_T]], **kw:
 def greenscope_callbacks(task: asyncio.Future[Any]) -> int:
     """How many done-callbacks greenscope's registries put on ``task``."""
     callbacks = task._callbacks or []  # type: ignore[attr-defined]
-    return sum(1 for callback, _ctx in callbacks if "WeakScopeRegistry" in repr(callback))
+    return sum(
+        1 for callback, _ctx in callbacks if isinstance(getattr(callback, "__self__", None), _Entry)
+    )
 
 
 # -- the drop-in ----------------------------------------------------------------------------

@@ -483,3 +483,50 @@ def test_close_never_runs_inside_the_gc_or_the_hub() -> None:
     assert len(WhereClosed.log) == 10
     assert WhereClosed.log == [(False, False)] * 10
     registry.clear()
+
+
+class _Closes:
+    closed: ClassVar[List[Any]] = []
+
+    def close(self) -> None:
+        _Closes.closed.append(self)
+
+
+def test_registry_dropped_by_its_user_still_closes_a_value_when_its_greenlet_ends() -> None:
+    import gevent.event
+
+    _Closes.closed.clear()
+    holder = [WeakScopeRegistry(_Closes)]
+    registry_ref = weakref.ref(holder[0])
+    release = gevent.event.Event()
+
+    def work() -> None:
+        holder[0]()
+        release.wait()
+
+    glet = gevent.spawn(work)
+    gevent.sleep(0)
+    holder.clear()
+    collect()
+    assert registry_ref() is not None  # the greenlet's end hook keeps it until the greenlet ends
+    release.set()
+    glet.join()
+    gevent.sleep(0)
+    gevent.sleep(0)
+    assert len(_Closes.closed) == 1
+    del glet
+    collect()
+    assert registry_ref() is None
+
+
+def test_registry_dropped_by_its_user_still_closes_a_value_when_its_scope_ends() -> None:
+    _Closes.closed.clear()
+    with greenscope.scope():
+        registry = WeakScopeRegistry(_Closes)
+        registry()
+        registry_ref = weakref.ref(registry)
+        del registry
+        collect()
+    assert len(_Closes.closed) == 1
+    collect()
+    assert registry_ref() is None
