@@ -55,19 +55,25 @@ _closer_busy = False
 fork_orphans: List[Any] = []
 
 
-def close_now(value: Any) -> Optional[Awaitable[Any]]:
-    """Call ``value.close()``; log failures. Returns the awaitable of an async ``close()``."""
+def start_close(value: Any) -> Optional[Awaitable[Any]]:
+    """Call ``value.close()`` if it has one; return the awaitable of an async ``close()``.
+    Errors are raised (see :func:`close_now` for the logging variant)."""
     close = getattr(value, "close", None)
     if close is None:
         return None
-    try:
-        result = close()
-    except Exception:
-        log.exception("greenscope: error closing %r after its scope ended", value)
-        return None
+    result = close()
     if result is None or not inspect.isawaitable(result):  # None: the usual sync close()
         return None
     return result
+
+
+def close_now(value: Any) -> Optional[Awaitable[Any]]:
+    """:func:`start_close`, logging failures instead of raising them."""
+    try:
+        return start_close(value)
+    except Exception:
+        log.exception("greenscope: error closing %r after its scope ended", value)
+        return None
 
 
 #: Seconds a close on a loop may take before it is abandoned (a dead server must not hang exit).

@@ -15,7 +15,7 @@ import contextvars
 import functools
 import inspect
 from types import TracebackType
-from typing import Any, Awaitable, Callable, List, Optional, Tuple, Type, TypeVar, cast
+from typing import Any, Callable, List, Optional, Tuple, Type, TypeVar, cast
 
 from . import _closing
 from .registry import _all_registries
@@ -163,7 +163,7 @@ def close_at_scope_end(values: List[Any]) -> Optional[BaseException]:
     first_error: Optional[BaseException] = None
     for index, value in enumerate(values):
         try:
-            awaitable = _close_raising(value)
+            awaitable = _closing.start_close(value)
         except Exception as error:
             _closing.log.exception("greenscope: error closing %r at scope exit", value)
             first_error = first_error or error
@@ -192,21 +192,13 @@ async def _close_all(values: List[Any]) -> Optional[BaseException]:
     first_error: Optional[BaseException] = None
     for value in values:
         try:
-            awaitable = _close_raising(value)
+            awaitable = _closing.start_close(value)
             if awaitable is not None:
                 await awaitable
         except Exception as error:
             _closing.log.exception("greenscope: error closing %r at scope exit", value)
             first_error = first_error or error
     return first_error
-
-
-def _close_raising(value: Any) -> Optional[Awaitable[Any]]:
-    close = getattr(value, "close", None)
-    if close is None:
-        return None
-    result = close()
-    return result if result is not None and inspect.isawaitable(result) else None
 
 
 def _reset(var: contextvars.ContextVar[Any], token: contextvars.Token[Any]) -> None:
