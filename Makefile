@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-dev
 
 .PHONY: venv demo test pytest lint docs bench clean
 
-$(STAMP): pyproject.toml setup.py greenscope/_speedups.c
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'

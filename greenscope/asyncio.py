@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import async_scoped_session as _stock_async_scoped_s
 from sqlalchemy.orm import Session
 
 from . import _closing
-from .registry import WeakScopeRegistry, compile_hit_path, speedups
+from .registry import WeakScopeRegistry
 from .scoping import _current_task, _get_running_loop
 
 __all__ = ["async_scoped_session", "wait_closed"]
@@ -109,14 +109,14 @@ class async_scoped_session(_stock_async_scoped_session[_AS]):
         try:
             var = registry._hot_var
         except AttributeError:  # a registry swapped in by hand
-            return registry()
+            return super()._proxied
         if var is not None:
             fast = var.get()
             if fast is not None:
                 loop = _get_running_loop()
                 if loop is not None and fast.owner is _current_task(loop):
                     return fast.value  # type: ignore[no-any-return]
-        return registry()
+        return super()._proxied
 
     def __call__(self, **kw: Any) -> _AS:
         """Return the current AsyncSession, creating it if needed (see the stock ``__call__``)."""
@@ -165,8 +165,3 @@ async def wait_closed() -> None:
         if watch is None or not watch.tasks:
             return
         await _asyncio.wait(list(watch.tasks))
-
-
-if speedups is not None:  # the same two hit paths, compiled (greenscope/_speedups.c)
-    compile_hit_path(async_scoped_session, "__call__", _stock_async_scoped_session.__call__, 2)
-    compile_hit_path(async_scoped_session, "_proxied", _stock_async_scoped_session._proxied.fget, 2)  # type: ignore[attr-defined]

@@ -491,38 +491,3 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _load_speedups() -> Any:
-    """The compiled hit path (greenscope/_speedups.c), unless it was not built or
-    ``GREENSCOPE_PURE=1``. It takes the same decision as ``WeakScopeRegistry.__call__`` above,
-    without a Python frame (docs/performance.md has the figures of both)."""
-    if os.environ.get("GREENSCOPE_PURE", "") not in ("", "0"):
-        return None
-    try:
-        from . import _speedups
-    except ImportError:
-        return None
-    _speedups.setup(WeakScopeRegistry, getcurrent, _get_running_loop, _current_task)
-    return _speedups
-
-
-#: the compiled module, or None when the pure-Python hit paths run
-speedups = _load_speedups()
-
-
-def compile_hit_path(cls: type, name: str, slow_path: Callable[..., Any], kind: int) -> None:
-    """Swap ``cls.<name>``, a pure-Python hit path (a method or a property), for its compiled
-    twin: the same decision in C, and on a miss straight to ``slow_path`` (the pure check would
-    only miss again). The pure function stays reachable as ``__wrapped__`` (bench/micro.py)."""
-    assert speedups is not None
-    pure = cls.__dict__[name]
-    if isinstance(pure, property):
-        setattr(cls, name, speedups.HotProperty(slow_path, kind, pure.fget))
-    else:
-        setattr(cls, name, speedups.HotCall(slow_path, kind, pure))
-
-
-if speedups is not None:
-    _Fast = speedups.Fast  # type: ignore[misc]
-    compile_hit_path(WeakScopeRegistry, "__call__", WeakScopeRegistry._lookup, 0)
