@@ -608,7 +608,6 @@ class RegistryReport(TypedDict):
     createfunc: str
     live_scopes: int
     ended_without_remove: int
-    pending_close: int
     origins: List[str]
 
 
@@ -654,7 +653,6 @@ def runtime_report() -> RuntimeReport:
                 createfunc=repr(registry.createfunc),
                 live_scopes=len(registry),
                 ended_without_remove=registry.ended_without_remove,
-                pending_close=len(registry._pending),
                 origins=origins,
             )
         )

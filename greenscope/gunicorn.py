@@ -67,8 +67,8 @@ import sys
 import weakref
 from typing import Any, List, Optional, Set, Tuple
 
-from . import _closing
 from . import registry as _registry
+from . import runtimes as _runtimes
 
 __all__ = [
     "keepalive",
@@ -118,7 +118,7 @@ def post_fork(server: Any, worker: Any) -> None:
         >>> def post_fork(server, worker):
         ...     greenscope.gunicorn.post_fork(server, worker)
     """
-    left = sum(len(r) + len(r._pending) for r in list(_registry._all_registries))
+    left = sum(len(r) for r in list(_registry._all_registries))
     if left:
         _log.warning(
             "greenscope: %d registry entries inherited from the master at fork; dropping them "
@@ -126,8 +126,8 @@ def post_fork(server: Any, worker: Any) -> None:
             left,
         )
         _registry._after_fork_in_child()
-        _closing._after_fork_in_child()
-    live = [r for r in list(_registry._all_registries) if len(r) or r._pending]
+        _runtimes._after_fork_in_child()
+    live = [r for r in list(_registry._all_registries) if len(r)]
     if live:  # pragma: no cover - would be a bug in the core
         raise RuntimeError(f"greenscope: registries not empty after fork: {live!r}")
     if not _snapshot_inherited():

@@ -4,9 +4,18 @@ The answer never depends on ``threading.local`` or on whether gevent has patched
 so it is right whatever was imported or patched first:
 
 1. the innermost explicit :func:`greenscope.scope` opened *by this greenlet or task*;
-2. else the running :class:`asyncio.Task`, also from SQLAlchemy's ``run_sync`` /
-   ``greenlet_spawn`` greenlets, which run on the task's behalf and share its context;
+2. else the running :class:`asyncio.Task`, when the caller runs on its behalf: the task's own
+   step, or SQLAlchemy's ``run_sync`` / ``greenlet_spawn`` greenlets spawned for it;
 3. else ``greenlet.getcurrent()`` (a plain thread is its own main greenlet).
+
+"On its behalf" is a matter of lineage, not of which loop is running (DESIGN rule 4b). The
+running loop is per OS thread: while a task is suspended inside a gevent-cooperative call (a
+patched ``time.sleep``, psycopg2 under psycogreen), the hub runs unrelated greenlets on the same
+thread, and for them ``asyncio.current_task()`` still names the suspended task. A caller acts for
+the task when the task's coroutine frame is on its stack, or on the stack of the greenlet that
+spawned it through SQLAlchemy's greenlet provider (``__sqlalchemy_greenlet_provider__``). The
+answer is remembered in the task's context (``_acts_for``: a weak reference, so no cycle), so each
+task walks its frames once.
 
 Explicit scopes live in a :class:`contextvars.ContextVar`. greenlet >= 1.0 gives every greenlet
 an empty context, so gevent children never see their parent's scope; asyncio child tasks get
@@ -18,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import sys
+import weakref
 from typing import Any, Callable, List, Optional
 
 from greenlet import getcurrent
@@ -74,8 +85,14 @@ scope_var: contextvars.ContextVar[Optional[ScopeKey]] = contextvars.ContextVar(
 )
 
 
+#: The task this context is known to act for (a weak reference; set by :func:`_acts_for`).
+_acting_for: contextvars.ContextVar[Optional[weakref.ref[Any]]] = contextvars.ContextVar(
+    "greenscope.acting_for", default=None
+)
+
+
 def current_owner() -> object:
-    """The task running on this thread's loop, else the current greenlet.
+    """The task running on this thread's loop if the caller acts for it, else the greenlet.
 
     This is the identity an explicit scope belongs to and the identity the registry's fast
     path verifies.
@@ -83,9 +100,41 @@ def current_owner() -> object:
     loop = _get_running_loop()
     if loop is not None:
         task = _current_task(loop)
-        if task is not None:
+        if task is not None and _acts_for(task):
             return task
     return getcurrent()
+
+
+def _acts_for(task: Any) -> bool:
+    """Does the caller run on ``task``'s behalf (rule 4b)? Remembered in this context."""
+    known = _acting_for.get()
+    if known is not None and known() is task:
+        return True
+    if not _in_lineage(task):
+        return False
+    _acting_for.set(weakref.ref(task))
+    return True
+
+
+def _in_lineage(task: Any) -> bool:
+    """True when ``task``'s coroutine frame is on the caller's stack, or on the stack of the
+    greenlet that spawned the caller through SQLAlchemy's greenlet provider (``run_sync``)."""
+    target = getattr(task.get_coro(), "cr_frame", None)
+    if target is None:  # not a native coroutine: its frames cannot be told apart
+        return True
+    glet: Any = getcurrent()
+    frame: Any = sys._getframe(1)
+    while True:
+        while frame is not None:
+            if frame is target:
+                return True
+            frame = frame.f_back
+        if not getattr(glet, "__sqlalchemy_greenlet_provider__", False):
+            return False
+        glet = glet.parent
+        if glet is None:
+            return False
+        frame = glet.gr_frame
 
 
 def current_scope() -> object:

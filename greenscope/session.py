@@ -81,7 +81,7 @@ class scoped_session(_stock_scoped_session[_S]):
     def _proxied(self) -> _S:
         registry = self.registry
         try:
-            var = registry._hot_var
+            var = registry._var
         except AttributeError:  # a registry swapped in by hand
             return super()._proxied
         if var is not None:
@@ -94,7 +94,7 @@ class scoped_session(_stock_scoped_session[_S]):
         """Return the current Session, creating it if needed (see the stock ``__call__``)."""
         if not kw:
             try:
-                var = self.registry._hot_var
+                var = self.registry._var
             except AttributeError:  # a registry swapped in by hand
                 var = None
             if var is not None:

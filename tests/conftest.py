@@ -180,3 +180,22 @@ def session_class_whose_first_close_hangs(in_close: Any, never: Any) -> type[Ses
             super().close()
 
     return BlocksOnce
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 5.0) -> bool:
+    """Wait (bounded) until ``condition()`` is true, letting this thread's gevent hub run (its
+    closer greenlets) if gevent is in use: a wait for asynchronous closes, not a timed assertion.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return bool(condition())
+        if "gevent" in sys.modules:
+            import gevent
+
+            gevent.sleep(0.005)
+        else:
+            time.sleep(0.005)
+    return True
