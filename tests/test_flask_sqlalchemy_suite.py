@@ -269,3 +269,17 @@ def test_outcomes_keeps_the_worst_report_of_a_test(tmp_path: Path) -> None:
         "tests.test_x::test_skip": "skipped",
         "tests.test_x::test_bad": "failed",
     }
+
+
+def test_supported_range_in_pyproject_is_what_the_suite_runs() -> None:
+    """The ``flask`` extra's bounds: from the oldest release run here to the next minor series."""
+    text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text("utf-8")
+    (spec,) = re.findall(r'"flask-sqlalchemy>=([\d.]+),<([\d.]+)"', text)
+
+    def key(version: str) -> Tuple[int, ...]:
+        return tuple(map(int, version.split(".")))
+
+    major, minor = key(max(RELEASES, key=key))[:2]
+    assert spec == (min(RELEASES, key=key), f"{major}.{minor + 1}")
+    series = {v.rsplit(".", 1)[0] for v in RELEASES}
+    assert len(series) == len(RELEASES)  # one release per minor series: the newest of each
