@@ -16,9 +16,9 @@ whose scope is :func:`app_context_scope`:
    session finds its engine through ``current_app`` and could not run a query there anyway;
 2. the innermost explicit :func:`greenscope.scope` opened by this greenlet or task
    (``greenscope.wsgi.ScopeMiddleware`` around ``app.wsgi_app``, a job's
-   ``with greenscope.scope()``), so a job loop inside one app context gets a fresh session per job
-   - for the app context the scope is first used under; an app context pushed inside that one
-   gets its own session, as in Flask-SQLAlchemy;
+   ``with greenscope.scope()``), so a job loop inside one app context gets a fresh session per job.
+   That holds for the app context the scope is first used under; an app context pushed inside
+   that one gets its own session, as in Flask-SQLAlchemy;
 3. else the current Flask **app context object itself** - held weakly and verified by identity,
    never by ``id()`` - which keeps Flask-SQLAlchemy 3's documented semantics (one session per
    app context, nested ``app.app_context()`` blocks get their own) - but only for the greenlet or
