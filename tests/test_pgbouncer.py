@@ -37,16 +37,21 @@ from sqlalchemy.orm import sessionmaker
 import greenscope
 
 driver, kind, port, prepare = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-commit = sys.argv[7] == "commit"
+commit, poolclass = sys.argv[7] == "commit", sys.argv[8]
 jobs, greenlets = int(sys.argv[5]), int(sys.argv[6])
 greenscope.patch_drivers()
 connect_args = {}
 if driver == "psycopg" and prepare == "off":
     connect_args["prepare_threshold"] = None  # no server-side prepared statements
-engine = sqlalchemy.create_engine(
-    f"postgresql+{driver}://postgres@127.0.0.1:{port}/test",
-    pool_size=10, max_overflow=0, pool_timeout=3, connect_args=connect_args,
-)
+url = f"postgresql+{driver}://postgres@127.0.0.1:{port}/test"
+if poolclass == "null":  # a connection to PgBouncer per checkout, closed at checkin
+    engine = sqlalchemy.create_engine(
+        url, poolclass=sqlalchemy.pool.NullPool, connect_args=connect_args
+    )
+else:
+    engine = sqlalchemy.create_engine(
+        url, pool_size=10, max_overflow=0, pool_timeout=3, connect_args=connect_args
+    )
 factory = sessionmaker(engine)
 scoping = greenscope.scoped_session if kind == "greenscope" else stock_scoped_session
 Session = scoping(factory)
@@ -88,7 +93,8 @@ pools = show_pools()  # while this process still holds its client connections
 kinds = sorted({e.split(":")[0] for e in errors})
 print(json.dumps({
     "elapsed": round(elapsed, 2), "errors": len(errors), "error_kinds": kinds,
-    "first_error": errors[0] if errors else None, "checked_out": engine.pool.checkedout(),
+    "first_error": errors[0] if errors else None,
+    "checked_out": engine.pool.checkedout() if poolclass != "null" else 0,
     "sv_active": pools["sv_active"], "cl_waiting": pools["cl_waiting"],
     "sv_idle": pools["sv_idle"], "sv_used": pools["sv_used"],
 }))
@@ -96,10 +102,15 @@ print(json.dumps({
 
 
 def run_through_pgbouncer(
-    bouncer: PgBouncer, driver: str, kind: str, prepare: str = "off", commit: bool = False
+    bouncer: PgBouncer,
+    driver: str,
+    kind: str,
+    prepare: str = "off",
+    commit: bool = False,
+    pool: str = "queue",
 ) -> Dict[str, Any]:
     args = [driver, kind, str(bouncer.port), prepare, str(JOBS), str(GREENLETS)]
-    args.append("commit" if commit else "no-commit")
+    args += ["commit" if commit else "no-commit", pool]
     result: Dict[str, Any] = run_python(SCENARIO, args=args, timeout=180)
     return result
 
@@ -140,3 +151,18 @@ def test_psycopg3_prepared_statements_fail_under_transaction_pooling_unless_disa
     print({"prepare_threshold=5": default, "prepare_threshold=None": off})
     assert default["errors"] > 0, default
     assert off["errors"] == 0 and off["sv_active"] == 0, off
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("kind", ["greenscope", "stock"])
+def test_nullpool_does_not_save_a_scoped_session_that_forgets_remove(
+    pgbouncer: PgBouncer, kind: str
+) -> None:
+    # NullPool closes the client connection at checkin, but a session never closed never checks
+    # its connection in: its transaction keeps a server connection all the same
+    result = run_through_pgbouncer(pgbouncer, "psycopg2", kind, pool="null")
+    print(result)
+    if kind == "greenscope":
+        assert result["errors"] == 0 and result["sv_active"] == 0, result
+    else:
+        assert result["errors"] >= JOBS // 2 and result["sv_active"] > 0, result
