@@ -166,3 +166,58 @@ def test_nullpool_does_not_save_a_scoped_session_that_forgets_remove(
         assert result["errors"] == 0 and result["sv_active"] == 0, result
     else:
         assert result["errors"] >= JOBS // 2 and result["sv_active"] > 0, result
+
+
+ASYNCPG_SCENARIO = """
+import asyncio, json, sys
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+from greenscope.asyncio import async_scoped_session, wait_closed
+
+port, caches = int(sys.argv[1]), sys.argv[2]
+kwargs = {}
+if caches == "off":  # asyncpg's statement cache and SQLAlchemy's prepared-statement cache
+    kwargs["connect_args"] = {"statement_cache_size": 0, "prepared_statement_cache_size": 0}
+
+
+async def main():
+    engine = create_async_engine(
+        f"postgresql+asyncpg://postgres@127.0.0.1:{port}/test",
+        pool_size=10, max_overflow=0, pool_timeout=3, **kwargs,
+    )
+    Session = async_scoped_session(async_sessionmaker(engine))
+    errors = []
+
+    async def job(i):
+        try:
+            await Session.execute(text("select pg_sleep(0.02)"))
+            await Session.execute(text("select count(*) from pg_class where relnamespace > :n"),
+                                  {"n": i})
+            await Session.commit()
+        except Exception as error:
+            errors.append(f"{type(error).__name__}: {str(error).splitlines()[0]}")
+
+    for start in range(0, 100, 50):
+        await asyncio.gather(*(job(i) for i in range(start, start + 50)))
+    await wait_closed()
+    checked_out = engine.pool.checkedout()
+    await engine.dispose()
+    return {"errors": len(errors), "first_error": errors[0] if errors else None,
+            "checked_out": checked_out}
+
+
+print(json.dumps(asyncio.run(main())))
+"""
+
+
+@pytest.mark.postgres
+def test_asyncpg_statement_caches_fail_under_transaction_pooling_unless_disabled(
+    pgbouncer: PgBouncer,
+) -> None:
+    default = run_python(ASYNCPG_SCENARIO, args=[str(pgbouncer.port), "default"], timeout=120)
+    off = run_python(ASYNCPG_SCENARIO, args=[str(pgbouncer.port), "off"], timeout=120)
+    print({"default": default, "caches off": off})
+    assert default["errors"] > 0, default
+    assert off == {"errors": 0, "first_error": None, "checked_out": 0}, off
