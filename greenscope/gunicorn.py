@@ -57,7 +57,10 @@ What happens in each worker, in gunicorn's order (``gunicorn/arbiter.py`` and
    ``select pg_sleep(0.5)`` in one worker took 10 s with psycopg 3 and ``--preload`` before,
    under 1.5 s now (``tests/test_drivers.py``). The hook raises if a driver stays blocking.
 4. Warnings from these hooks go through gunicorn's error log (``worker.log`` / ``server.log``),
-   so they carry its timestamp and pid like gunicorn's own lines.
+   so they carry its timestamp and pid like gunicorn's own lines. What the library logs later in
+   the worker (a session that failed to close after its greenlet ended) goes to the
+   ``greenscope`` logger, which :func:`post_fork` gives gunicorn's error-log handlers unless the
+   application configured logging itself (a root handler, or its own handler on ``greenscope``).
 5. :func:`worker_exit` (worker): logs one line with the registries' live entries and how many
    sessions greenscope closed because their scope ended without ``remove()``
    (:func:`greenscope.diagnostics.log_runtime_report`).
@@ -124,6 +127,7 @@ def post_fork(server: Any, worker: Any) -> None:
         >>> def post_fork(server, worker):
         ...     greenscope.gunicorn.post_fork(server, worker)
     """
+    _route_library_log(worker)
     left = sum(len(r) + len(r._pending) for r in list(_registry._all_registries))
     if left:
         _logger(worker, server).warning(
@@ -156,6 +160,7 @@ def post_worker_init(worker: Any) -> None:
             "greenscope: pre_fork/post_fork hooks were not chained; disposing every engine"
         )
         _take_snapshot()
+        _route_library_log(worker)
     disposed = dispose_engines_inherited_at_fork()
     gevent_patched = _gevent_patched()
     drivers = patch_drivers(log=_logger(worker))
@@ -227,6 +232,20 @@ def _logger(*gunicorn_objects: Any) -> Any:
         if logger is not None:
             return logger
     return _log
+
+
+def _route_library_log(worker: Any) -> None:
+    """Give the ``greenscope`` logger gunicorn's error-log handlers in this worker, unless the
+    application configured logging itself (a root handler, or a handler of its own on
+    ``greenscope``): what the library logs while serving (a session that failed to close after
+    its greenlet ended) then reads like gunicorn's own lines instead of going nowhere."""
+    error_log = getattr(getattr(worker, "log", None), "error_log", None)
+    if not isinstance(error_log, logging.Logger) or logging.getLogger().handlers:
+        return
+    if any(not isinstance(handler, logging.NullHandler) for handler in _log.handlers):
+        return
+    for handler in error_log.handlers:
+        _log.addHandler(handler)
 
 
 def _gevent_patched() -> bool:

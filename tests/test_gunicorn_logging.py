@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import textwrap
+import time
 from pathlib import Path
 
 from conftest import gunicorn_app
@@ -46,6 +47,47 @@ def test_hook_warning_is_written_in_gunicorns_error_log_format(tmp_path: Path) -
     assert re.search(warning, log, re.MULTILINE), log
     ready = GUNICORN_LINE % ("INFO", r"greenscope: worker \d+ ready: gevent patched=True")
     assert re.search(ready, log, re.MULTILINE), log
+
+
+LEAKY_APP = """
+import gevent
+from sqlalchemy import create_engine, text
+from sqlalchemy.orm import sessionmaker
+
+import greenscope
+
+engine = create_engine("sqlite://")
+Session = greenscope.scoped_session(sessionmaker(engine))
+
+
+def forgetful():
+    Session.execute(text("select 1"))  # and no remove(): greenscope closes it, and says so
+
+
+def app(environ, start_response):
+    if environ["PATH_INFO"] == "/leak":
+        gevent.spawn(forgetful).join()
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [b"{}"]
+"""
+
+
+def test_library_warnings_in_a_worker_are_written_in_gunicorns_error_log_format(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "leakyapp.py").write_text(textwrap.dedent(LEAKY_APP))
+    args = ["-k", "gevent", "-w", "1", "-c", "python:greenscope.gunicorn"]
+    env = {"GREENSCOPE_TRACE": "1"}  # a session closed for want of remove() is then a WARNING
+    with gunicorn_app(tmp_path, "leakyapp:app", args=args, env=env) as server:
+        server.get("/leak")
+        for _ in range(50):  # the close runs in a greenlet of its own: wait for its line
+            if "whose scope ended without remove()" in server.log():
+                break
+            time.sleep(0.1)
+        log = server.log()
+
+    closing = GUNICORN_LINE % ("WARNING", r"greenscope: closing .*whose scope ended without remove")
+    assert re.search(closing, log, re.MULTILINE), log
 
 
 def test_greenscope_logger_has_a_null_handler_as_libraries_should() -> None:
