@@ -131,6 +131,7 @@ def test_twenty_pg_sleeps_overlap_under_gevent_after_patch_drivers_whatever_the_
     pg_url: str, flavour: str, order: str
 ) -> None:
     result = _run(flavour, order)
+    print(f"gevent {flavour} {order}: {result['elapsed']:.2f} s")  # figures, with -s
     driver = DRIVERS[flavour][0]
     status, again = result["first"][driver], result["second"][driver]
 
@@ -156,6 +157,7 @@ def test_psycopg3_imported_before_patch_all_blocks_the_process_without_patch_dri
 ) -> None:
     # the failure patch_drivers() exists for, kept short: 4 x 0.5 s run one after the other
     result = _run("psycopg3-binary", "driver-first", patch=False, greenlets=4)
+    print(f"gevent psycopg3 driver-first, no patch_drivers, 4 x 0.5 s: {result['elapsed']:.2f} s")
     assert result["errors"] == []
     assert result["elapsed"] >= 1.9, result
 
@@ -167,6 +169,7 @@ def test_twenty_pg_sleeps_overlap_under_eventlet_after_patch_drivers(
 ) -> None:
     # monkey_patch(psycopg=False): eventlet's own psycopg2 patch is off, so psycogreen's is used
     result = _run(flavour, "driver-first", runtime="eventlet")
+    print(f"eventlet {flavour} driver-first: {result['elapsed']:.2f} s")
     driver = DRIVERS[flavour][0]
     status = result["first"][driver]
     assert result["errors"] == []
@@ -287,9 +290,28 @@ def test_twenty_requests_doing_pg_sleep_overlap_under_gunicorn_gevent_preload(
         elapsed = time.monotonic() - start
         log = server.log()
 
+    print(f"gunicorn {flavour}: {elapsed:.2f} s")
     assert len({a["pid"] for a in answers}) == 1  # one worker served them all
     assert elapsed < COOPERATIVE_BOUND, (elapsed, log)
     # psycopg 3 imported in the master had its C wait replaced; imported by the hook, after
     # patching, it chose its cooperative wait by itself
     psycopg = "patched" if driver == "psycopg" else "already"
     assert f"drivers: psycopg2 patched, psycopg {psycopg}" in log, log
+
+
+@pytest.mark.postgres
+def test_psycopg3_preloaded_blocks_a_gevent_worker_without_greenscopes_configuration(
+    pg_url: str, tmp_path: Path
+) -> None:
+    # the same app and server without -c python:greenscope.gunicorn: nothing calls
+    # patch_drivers(), psycopg keeps its C wait, and requests run one after the other
+    (tmp_path / "driverapp.py").write_text(textwrap.dedent(APP.format(driver="psycopg")))
+    args = ["-k", "gevent", "--preload", "-w", "1"]
+    env = {"PSYCOPG_IMPL": "binary"}
+    with gunicorn_app(tmp_path, "driverapp:app", args=args, env=env) as server:
+        _concurrent_gets(server, "/", 2)
+        start = time.monotonic()
+        _concurrent_gets(server, "/sleep", 4)
+        elapsed = time.monotonic() - start
+    print(f"gunicorn psycopg3-binary without greenscope's conf, 4 requests: {elapsed:.2f} s")
+    assert elapsed >= 1.9, elapsed  # 4 x 0.5 s, serially
