@@ -149,11 +149,16 @@ def patch_drivers(*, log: Optional[Any] = None) -> Dict[str, DriverStatus]:
             status = DriverStatus(driver, runtime, False, False, False, "skipped", "not installed")
         else:
             patch = _patch_psycopg2 if driver == "psycopg2" else _patch_psycopg
-            cooperative, action, detail = patch(runtime)
+            unusable = False
+            try:
+                cooperative, action, detail = patch(runtime)
+            except ImportError as error:  # installed but unusable (psycopg 3 without a libpq)
+                cooperative, action, detail = False, "skipped", f"cannot be imported: {error}"
+                unusable = True
             status = DriverStatus(
                 driver, runtime, True, imported_before, cooperative, action, detail
             )
-            if not cooperative:
+            if not cooperative and not unusable:
                 logger.warning("greenscope: %s: %s", driver, detail)
         result[driver] = status
     return result
