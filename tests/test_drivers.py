@@ -276,7 +276,7 @@ def _concurrent_gets(server: Any, path: str, n: int) -> List[Any]:
 
 
 @pytest.mark.postgres
-@pytest.mark.parametrize("flavour", ["psycopg2", "psycopg3-binary"])
+@pytest.mark.parametrize("flavour", list(DRIVERS))
 def test_twenty_requests_doing_pg_sleep_overlap_under_gunicorn_gevent_preload(
     pg_url: str, tmp_path: Path, flavour: str
 ) -> None:
