@@ -9,10 +9,17 @@ imported, so this module never refers to the stdlib ``asyncio`` by that name.
 
 from __future__ import annotations
 
+import logging as _logging
+
+from .drivers import patch_drivers as patch_drivers
 from .explicit import scope as scope
 from .registry import WeakScopeRegistry as WeakScopeRegistry
 from .scoping import current_scope as current_scope
 from .session import scoped_session as scoped_session
 
-__all__ = ["WeakScopeRegistry", "current_scope", "scope", "scoped_session"]
+__all__ = ["WeakScopeRegistry", "current_scope", "patch_drivers", "scope", "scoped_session"]
 __version__ = "0.1.0"
+
+# A library logs and lets the application decide where it goes (gunicorn's hooks in
+# greenscope.gunicorn log through gunicorn's own error log instead).
+_logging.getLogger("greenscope").addHandler(_logging.NullHandler())
