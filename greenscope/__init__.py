@@ -9,6 +9,9 @@ imported, so this module never refers to the stdlib ``asyncio`` by that name.
 
 from __future__ import annotations
 
+# records when each Session's transaction began, for diagnostics.runtime_report (before the
+# application's first transaction)
+from . import _transactions as _transactions
 from .explicit import scope as scope
 from .registry import WeakScopeRegistry as WeakScopeRegistry
 from .scoping import current_scope as current_scope

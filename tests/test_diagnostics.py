@@ -24,6 +24,8 @@ from sqlalchemy.orm import scoped_session as stock_scoped_session
 import greenscope
 from greenscope import diagnostics
 from greenscope.diagnostics import Finding, Report, classify_scopefunc
+from greenscope.diagnostics.checks._common import name_of
+from greenscope.diagnostics.findings import Context
 
 FIXTURES = ROOT / "tests" / "fixtures_doctor"
 
@@ -221,10 +223,10 @@ def test_check_in_process_classifies_every_live_scoped_session() -> None:
     # Without gevent patched, a stock id()-keyed session is unsafe and greenscope's is fine.
     stock = stock_scoped_session(sessionmaker(), scopefunc=lambda: id(greenlet.getcurrent()))
     ours = greenscope.scoped_session(sessionmaker())
-    findings = {f.subject: f for f in diagnostics.check_scoped_sessions(gevent_active=False)}
-    stock_finding = findings[f"scoped_session {diagnostics._name_of(stock)}"]
+    findings = {f.subject: f for f in diagnostics.check_scoped_sessions(Context())}
+    stock_finding = findings[f"scoped_session {name_of(stock)}"]
     assert stock_finding.level == "UNSAFE" and "id()-based" in stock_finding.message
-    ours_finding = findings[f"scoped_session {diagnostics._name_of(ours)}"]
+    ours_finding = findings[f"scoped_session {name_of(ours)}"]
     assert ours_finding.level == "OK" and "greenscope registry" in ours_finding.message
 
 
@@ -237,12 +239,12 @@ def test_check_in_process_flags_stock_task_keyed_async_session_but_not_greenscop
 
     stock = async_scoped_session(async_sessionmaker(), scopefunc=asyncio.current_task)
     ours = greenscope_async_scoped_session(async_sessionmaker())
-    findings = {f.subject: f for f in diagnostics.check_scoped_sessions(gevent_active=False)}
-    stock_finding = findings[f"async_scoped_session {diagnostics._name_of(stock)}"]
+    findings = {f.subject: f for f in diagnostics.check_scoped_sessions(Context())}
+    stock_finding = findings[f"async_scoped_session {name_of(stock)}"]
     assert (
         stock_finding.level == "UNSAFE" and "keys a plain dict on the Task" in stock_finding.message
     )
-    ours_finding = findings[f"async_scoped_session {diagnostics._name_of(ours)}"]
+    ours_finding = findings[f"async_scoped_session {name_of(ours)}"]
     assert ours_finding.level == "OK"
 
 
