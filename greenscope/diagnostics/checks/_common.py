@@ -147,15 +147,21 @@ def greenscope_registries(default_scope_only: bool = False) -> List[Any]:
     return registries
 
 
-def patch_order_fix(mode: str, what: str) -> str:
-    """How to get ``what`` created after gevent patched, for the way the app was imported.
+def patch_order_fix(mode: str, what: str, runtime: Optional[str] = "gevent") -> str:
+    """How to get ``what`` created after ``runtime`` patched, for the way the app was imported.
 
     ``--preload`` is the one case where gunicorn itself imports the app before patching; in
     as-is mode the app patches itself, too late.
+
+    Example::
+
+        >>> patch_order_fix("preload", "the engine")
+        'or create the engine after patching: drop --preload'
     """
-    if mode == "preload":
+    if mode == "preload" and runtime == "gevent":
         return f"or create {what} after patching: drop --preload"
+    patch = "eventlet.monkey_patch()" if runtime == "eventlet" else "gevent.monkey.patch_all()"
     return (
-        f"or call gevent.monkey.patch_all() before {what} is created (the first lines of the "
-        "entry point, before any other import)"
+        f"or call {patch} before {what} is created (the first lines of the entry point, before "
+        "any other import)"
     )

@@ -158,7 +158,7 @@ def _classify_registry(subject: str, registry: Any, green: Any, mode: str) -> Fi
                     f"its threading.local was created before {green} patched threading: it is "
                     f"per OS thread, so every {greenlets} of a worker shares one Session"
                     + (measured if green == "gevent" else ""),
-                    f"{_FIX_STOCK}; {patch_order_fix(mode, 'the scoped_session')}",
+                    f"{_FIX_STOCK}; {patch_order_fix(mode, 'the scoped_session', green)}",
                 )
             if "gevent" in sys.modules or "eventlet" in sys.modules:
                 return Finding(
