@@ -13,6 +13,8 @@ import logging
 import os
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 from typing import List, Tuple
 
 import greenlet
@@ -749,3 +751,56 @@ def test_transaction_start_is_recorded_for_sessionmaker_classes_and_async_sessio
         return inside, outside
 
     assert asyncio.run(use_async()) == (True, True)
+
+
+def test_gunicorn_worker_exit_line_shows_the_transaction_left_open(tmp_path: Path) -> None:
+    """The worker_exit line of ``-c python:greenscope.gunicorn``, from a real gunicorn worker."""
+    import signal
+    import time
+
+    from conftest import free_port, sync_pg_url
+
+    require_postgres()
+    (tmp_path / "warm_app.py").write_text(
+        textwrap.dedent(
+            f"""
+            from sqlalchemy import create_engine, text
+            from sqlalchemy.orm import sessionmaker
+            import greenscope
+            from greenscope.wsgi import ScopeMiddleware
+
+            Session = greenscope.scoped_session(sessionmaker(create_engine({sync_pg_url()!r})))
+            Session.execute(text("select 1"))  # a warm-up query at import that never commits
+
+            def hello(environ, start_response):
+                start_response("200 OK", [])
+                return [b"ok"]
+
+            app = ScopeMiddleware(hello)
+            """
+        )
+    )
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + str(tmp_path))
+    env.pop("GREENSCOPE_TRACE", None)
+    log = tmp_path / "gunicorn.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "python:greenscope.gunicorn", "-w", "1",
+             "-b", f"127.0.0.1:{port}", "--chdir", str(tmp_path), "warm_app:app"],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while "ready: gevent patched" not in log.read_text() and time.monotonic() < deadline:
+                assert proc.poll() is None, log.read_text()
+                time.sleep(0.1)
+            time.sleep(1.0)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+    text = log.read_text()
+    (line,) = [line for line in text.splitlines() if "greenscope runtime (pid" in line]
+    assert "1 in a transaction (oldest open " in line, text
+    age = float(line.split("(oldest open ", 1)[1].split(" s)", 1)[0])
+    assert age >= 1.0, line

@@ -153,6 +153,9 @@ def log_runtime_report(logger: Optional[logging.Logger] = None) -> RuntimeReport
     for entry in report["registries"]:
         if entry["ended_without_remove"] or entry["origins"] or entry["in_transaction"]:
             oldest = entry["oldest_transaction_origin"]
+            others = list(entry["origins"])
+            if oldest in others:  # printed once, under its own heading
+                others.remove(oldest)
             log.warning(
                 "greenscope: registry %s (%s): %d live scopes, %s, %d closed without remove()%s%s",
                 entry["registry"],
@@ -161,6 +164,6 @@ def log_runtime_report(logger: Optional[logging.Logger] = None) -> RuntimeReport
                 _transactions_text(entry["in_transaction"], entry["oldest_transaction_age"]),
                 entry["ended_without_remove"],
                 "" if oldest is None else "\noldest transaction's session created at:\n" + oldest,
-                "".join("\nlive entry created at:\n" + origin for origin in entry["origins"]),
+                "".join("\nlive entry created at:\n" + origin for origin in others),
             )
     return report

@@ -4,19 +4,15 @@ Each module exposes ``check_<thing>(ctx) -> List[Finding]`` and returns nothing 
 checks is not in the process. :data:`CHECKS` is the order of the report. A new integration's
 check is a new module here, added to :data:`CHECKS`.
 
-========================  =====================================================================
-module                    looks at
-========================  =====================================================================
-``gevent``                gevent imported, ``threading.local`` patched
-``eventlet``              eventlet imported, threads monkeypatched
-``scoped_session``        every stock / greenscope ``scoped_session`` and its scopefunc
-``flask``                 Flask-SQLAlchemy 3's ``db.session`` (used by ``scoped_session``)
-``engines``               pools whose locks predate gevent's patch
-``drivers``               psycopg2's wait callback, psycopg 3's wait functions
-``wsgi``                  the loaded WSGI app: ``greenscope.wsgi.ScopeMiddleware``
-``asgi``                  the loaded ASGI app: ``greenscope.asgi.ScopeMiddleware``, def endpoints
-``celery``                Celery apps: ``greenscope.celery.install(app)``
-========================  =====================================================================
+- ``gevent``: gevent imported, ``threading.local`` patched;
+- ``eventlet``: eventlet imported, threads monkeypatched;
+- ``scoped_session``: every stock and greenscope ``scoped_session`` and its scopefunc;
+- ``flask``: Flask-SQLAlchemy 3's ``db.session`` (called from ``scoped_session``);
+- ``engines``: pools whose locks predate gevent's patch;
+- ``drivers``: psycopg2's wait callback, psycopg 3's wait functions (drivers the app uses only);
+- ``wsgi``: the loaded WSGI app and ``greenscope.wsgi.ScopeMiddleware``;
+- ``asgi``: the loaded ASGI app, its ``def`` endpoints and ``greenscope.asgi.ScopeMiddleware``;
+- ``celery``: Celery apps and ``greenscope.celery.install(app)``.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ def inner_apps(app: Any, depth: int = 12) -> Iterator[Any]:
         >>> class Outer:
         ...     def __init__(self, app):
         ...         self.app = app
-        >>> inner = object()
+        >>> inner = len  # any callable
         >>> list(inner_apps(Outer(inner)))[-1] is inner
         True
     """
