@@ -384,7 +384,8 @@ def test_doctor_passes_fastapi_with_asgi_scope_middleware() -> None:
     requires_integration("greenscope.asgi", "ScopeMiddleware")
     code, out, err = doctor("doctor_fastapi_scoped:app")
     assert code == 0, out + err
-    assert "OK       ASGI app doctor_fastapi_scoped.app" in out
+    (ok,) = [line for line in lines(out, "OK") if " ASGI app " in line]
+    assert "doctor_fastapi_scoped.app" in ok and "greenscope.asgi.ScopeMiddleware" in ok
 
 
 # -- Celery ---------------------------------------------------------------------------------

@@ -9,9 +9,10 @@ from __future__ import annotations
 import functools
 import gc
 import importlib
+import inspect
 import sys
 import types
-from typing import Any, List, Optional
+from typing import Any, Iterator, List, Optional
 
 __all__ = [
     "callable_name",
@@ -19,6 +20,9 @@ __all__ = [
     "gevent_patched",
     "green_runtime",
     "greenscope_registries",
+    "inner_apps",
+    "is_asgi",
+    "is_async_callable",
     "is_os_thread_local",
     "is_unpatched_local",
     "is_unpatched_lock",
@@ -165,3 +169,62 @@ def patch_order_fix(mode: str, what: str, runtime: Optional[str] = "gevent") -> 
         f"or call {patch} before {what} is created (the first lines of the entry point, before "
         "any other import)"
     )
+
+
+#: where WSGI and ASGI wrappers keep the app they wrap
+WRAPPER_ATTRIBUTES = ("wsgi_app", "app", "application", "wrapped", "_app", "__wrapped__")
+
+
+def inner_apps(app: Any, depth: int = 12) -> Iterator[Any]:
+    """``app`` and every app it wraps, outermost first (each object once, bounded depth).
+
+    Example::
+
+        >>> class Outer:
+        ...     def __init__(self, app):
+        ...         self.app = app
+        >>> inner = len  # any callable
+        >>> list(inner_apps(Outer(inner)))[-1] is inner
+        True
+    """
+    seen = set()
+    todo = [(app, 0)]
+    while todo:
+        obj, level = todo.pop(0)
+        if id(obj) in seen or obj is None:
+            continue
+        seen.add(id(obj))
+        yield obj
+        if level >= depth or isinstance(obj, type):
+            continue
+        for attribute in WRAPPER_ATTRIBUTES:
+            try:  # context-local proxies and properties may raise
+                inner = getattr(obj, attribute, None)
+            except Exception:
+                continue
+            if inner is not None and callable(inner):
+                todo.append((inner, level + 1))
+
+
+def is_async_callable(fn: Any) -> bool:
+    """Is ``fn`` (a function, partial, or object with ``__call__``) a coroutine function?"""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        return True
+    call = getattr(fn, "__call__", None)  # noqa: B004 - a class instance with async __call__
+    return not inspect.isfunction(fn) and (
+        inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)
+    )
+
+
+def is_asgi(app: Any) -> bool:
+    """Is ``app`` an ASGI application (its ``__call__`` is a coroutine function)?
+
+    Example::
+
+        >>> async def app(scope, receive, send): ...
+        >>> is_asgi(app), is_asgi(lambda environ, start_response: [])
+        (True, False)
+    """
+    return app is not None and not isinstance(app, type) and is_async_callable(app)

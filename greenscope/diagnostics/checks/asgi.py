@@ -11,44 +11,26 @@ Starlette's ``app.user_middleware`` (entries whose ``.cls`` is the class).
 
 from __future__ import annotations
 
-import functools
 import importlib
 import inspect
 from typing import Any, Iterator, List, Optional
 
 from ..findings import OK, UNSAFE, Context, Finding
-from ._common import callable_name, greenscope_registries, name_of
-from .wsgi import inner_apps
+from ._common import (
+    callable_name,
+    greenscope_registries,
+    inner_apps,
+    is_asgi,
+    is_async_callable,
+    name_of,
+)
 
-__all__ = ["check_asgi", "is_asgi", "sync_endpoints"]
+__all__ = ["check_asgi", "sync_endpoints"]
 
 _FIX = (
     "add greenscope.asgi.ScopeMiddleware: app.add_middleware(greenscope.asgi.ScopeMiddleware) "
     "(or app = greenscope.asgi.ScopeMiddleware(app))"
 )
-
-
-def _is_async(fn: Any) -> bool:
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
-        return True
-    call = getattr(fn, "__call__", None)  # noqa: B004 - a class instance with async __call__
-    return not inspect.isfunction(fn) and (
-        inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)
-    )
-
-
-def is_asgi(app: Any) -> bool:
-    """Is ``app`` an ASGI application (its ``__call__`` is a coroutine function)?
-
-    Example::
-
-        >>> async def app(scope, receive, send): ...
-        >>> is_asgi(app), is_asgi(lambda environ, start_response: [])
-        (True, False)
-    """
-    return app is not None and not isinstance(app, type) and _is_async(app)
 
 
 def _routes(app: Any, depth: int = 0) -> Iterator[Any]:
@@ -93,8 +75,9 @@ def sync_endpoints(app: Any) -> List[str]:
             if inspect.isclass(call):  # Starlette HTTPEndpoint: its handler methods
                 verbs = ("get", "post", "put", "patch", "delete")
                 methods = [getattr(call, verb, None) for verb in verbs]
-                names += [callable_name(m) for m in methods if m is not None and not _is_async(m)]
-            elif not _is_async(call):
+                sync = [m for m in methods if m is not None and not is_async_callable(m)]
+                names += [callable_name(m) for m in sync]
+            elif not is_async_callable(call):
                 names.append(callable_name(call))
     return sorted(set(names))
 

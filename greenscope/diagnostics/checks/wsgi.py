@@ -11,57 +11,17 @@ wrappers keep their inner app in (``.wsgi_app`` - Flask's - ``.app``, ``.applica
 
 from __future__ import annotations
 
-import sys
-from typing import Any, Iterator, List
+from typing import Any, List
 
 from ..findings import OK, UNSAFE, WARNING, Context, Finding
-from ._common import green_runtime, greenscope_registries, name_of
+from ._common import green_runtime, greenscope_registries, inner_apps, is_asgi, name_of
 
-__all__ = ["check_wsgi", "inner_apps"]
-
-#: where WSGI and ASGI wrappers keep the app they wrap
-WRAPPER_ATTRIBUTES = ("wsgi_app", "app", "application", "wrapped", "_app", "__wrapped__")
+__all__ = ["check_wsgi"]
 
 _FIX = (
     "wrap the WSGI app: app = greenscope.wsgi.ScopeMiddleware(app) (Flask: app.wsgi_app = "
     "ScopeMiddleware(app.wsgi_app))"
 )
-
-
-def inner_apps(app: Any, depth: int = 12) -> Iterator[Any]:
-    """``app`` and every app it wraps, outermost first (each object once, bounded depth).
-
-    Example::
-
-        >>> class Outer:
-        ...     def __init__(self, app):
-        ...         self.app = app
-        >>> inner = len  # any callable
-        >>> list(inner_apps(Outer(inner)))[-1] is inner
-        True
-    """
-    seen = set()
-    todo = [(app, 0)]
-    while todo:
-        obj, level = todo.pop(0)
-        if id(obj) in seen or obj is None:
-            continue
-        seen.add(id(obj))
-        yield obj
-        if level >= depth or isinstance(obj, type):
-            continue
-        for attribute in WRAPPER_ATTRIBUTES:
-            try:  # context-local proxies and properties may raise
-                inner = getattr(obj, attribute, None)
-            except Exception:
-                continue
-            if inner is not None and callable(inner):
-                todo.append((inner, level + 1))
-
-
-def _is_asgi(app: Any) -> bool:
-    asgi = sys.modules.get("greenscope.diagnostics.checks.asgi")
-    return bool(asgi is not None and asgi.is_asgi(app))
 
 
 def _has_teardown(app: Any) -> bool:
@@ -81,7 +41,7 @@ def check_wsgi(ctx: Context) -> List[Finding]:
         []
     """
     app = ctx.app
-    if app is None or not callable(app) or isinstance(app, type) or _is_asgi(app):
+    if app is None or not callable(app) or isinstance(app, type) or is_asgi(app):
         return []
     registries = greenscope_registries(default_scope_only=True)
     if not registries:
