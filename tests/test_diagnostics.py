@@ -285,6 +285,60 @@ def test_doctor_reports_only_drivers_the_app_imports() -> None:
     assert out.rstrip().splitlines()[-1] == "verdict: OK (0 unsafe, 0 warning(s), 4 ok)"
 
 
+def test_psycopg3_check_judges_each_wait_path_by_its_effect() -> None:
+    """Fix the query wait only: connecting still blocks (WARNING); fix both: OK."""
+    result = run_python(
+        """
+        import json, selectors
+        import psycopg
+        from gevent import monkey; monkey.patch_all()
+        from greenscope.diagnostics import check
+
+        def finding():
+            (found,) = [f for f in check().findings if f.subject == "psycopg 3"]
+            return [found.level, found.message]
+
+        import psycopg.waiting as waiting
+        seen = [finding()]
+        waiting.wait = waiting.wait_poll  # queries: gevent's select.poll at call time
+        seen.append(finding())
+        waiting.DefaultSelector = selectors.DefaultSelector  # connecting: gevent's selector
+        seen.append(finding())
+        print(json.dumps(seen))
+        """
+    )
+    (c_wait, c_why), (conn_level, conn_why), (ok, ok_why) = result
+    assert c_wait == "UNSAFE" and "wait_c (C)" in c_why
+    assert conn_level == "WARNING" and "connecting is not" in conn_why
+    assert "selectors.EpollSelector" in conn_why
+    assert ok == "OK" and "wait_poll and gevent.selectors.GeventSelector" in ok_why
+
+
+def test_driver_checks_count_a_driver_the_app_imported_or_an_engine_uses() -> None:
+    result = run_python(
+        """
+        import json
+        from gevent import monkey; monkey.patch_all()
+        import psycopg2  # imported by someone else, not by the app
+        from sqlalchemy import create_engine
+        from greenscope.diagnostics import check
+
+        def subjects(app_modules):
+            report = check(app_modules=app_modules)
+            return [f.subject for f in report.findings if f.subject.startswith("psycopg")]
+
+        seen = {
+            "not the app's": subjects(frozenset()),
+            "the app's": subjects(frozenset({"psycopg2"})),
+        }
+        engine = create_engine("postgresql+psycopg2://nobody@127.0.0.1:1/none")  # never connected
+        seen["an engine's"] = subjects(frozenset())
+        print(json.dumps(seen))
+        """
+    )
+    assert result == {"not the app's": [], "the app's": ["psycopg2"], "an engine's": ["psycopg2"]}
+
+
 # -- WSGI: ScopeMiddleware -----------------------------------------------------------------
 
 
