@@ -401,6 +401,23 @@ def test_doctor_finds_scope_middleware_inside_a_flask_app() -> None:
     assert "(Flask: app.wsgi_app = ScopeMiddleware(app.wsgi_app))" in out
 
 
+def test_wsgi_check_needs_the_middleware_on_every_path_of_a_dispatcher() -> None:
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+    from werkzeug.middleware.proxy_fix import ProxyFix
+
+    from greenscope.diagnostics.checks.wsgi import _wrapped
+    from greenscope.wsgi import ScopeMiddleware
+
+    def bare(environ: object, start_response: object) -> List[bytes]:
+        return []
+
+    wrapped = ScopeMiddleware(bare)
+    assert not _wrapped(DispatcherMiddleware(bare, {"/api": wrapped}), ScopeMiddleware)
+    assert _wrapped(DispatcherMiddleware(wrapped, {"/api": wrapped}), ScopeMiddleware)
+    assert _wrapped(ProxyFix(wrapped), ScopeMiddleware)  # through its .app
+    assert not _wrapped(ProxyFix(bare), ScopeMiddleware)
+
+
 # -- ASGI: def endpoints and greenscope.asgi.ScopeMiddleware ------------------------------------
 
 

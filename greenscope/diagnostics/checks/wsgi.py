@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any, List
 
 from ..findings import OK, UNSAFE, WARNING, Context, Finding
-from ._common import green_runtime, greenscope_registries, inner_apps, is_asgi, name_of
+from ._common import WRAPPER_ATTRIBUTES, green_runtime, greenscope_registries, is_asgi, name_of
 
 __all__ = ["check_wsgi"]
 
@@ -22,6 +22,28 @@ _FIX = (
     "wrap the WSGI app: app = greenscope.wsgi.ScopeMiddleware(app) (Flask: app.wsgi_app = "
     "ScopeMiddleware(app.wsgi_app))"
 )
+
+
+def _wrapped(app: Any, cls: type, depth: int = 0) -> bool:
+    """Does every request to ``app`` pass through a ``cls`` (``ScopeMiddleware``)? Through the
+    wrapper attributes; for werkzeug's ``DispatcherMiddleware``, its app and every mount."""
+    if isinstance(app, cls):
+        return True
+    if app is None or isinstance(app, type) or depth > 12:
+        return False
+    mounts = getattr(app, "mounts", None)
+    if isinstance(mounts, dict):
+        apps = [getattr(app, "app", None), *mounts.values()]
+        return all(_wrapped(inner, cls, depth + 1) for inner in apps if callable(inner))
+    for attribute in WRAPPER_ATTRIBUTES:
+        try:  # context-local proxies and properties may raise
+            inner = getattr(app, attribute, None)
+        except Exception:
+            continue
+        usable = inner is not None and inner is not app and callable(inner)
+        if usable and _wrapped(inner, cls, depth + 1):
+            return True
+    return False
 
 
 def _has_teardown(app: Any) -> bool:
@@ -49,7 +71,7 @@ def check_wsgi(ctx: Context) -> List[Finding]:
     from ...wsgi import ScopeMiddleware
 
     subject = f"WSGI app {name_of(app)}"
-    if any(isinstance(inner, ScopeMiddleware) for inner in inner_apps(app)):
+    if _wrapped(app, ScopeMiddleware):
         return [
             Finding(OK, subject, "greenscope.wsgi.ScopeMiddleware wraps it: one scope per request")
         ]
