@@ -148,7 +148,7 @@ def test_flask_sqlalchemy_3_session_is_inherited_only_where_the_context_is_never
         """
     )
     assert result["popped"] == 0
-    assert result["never_popped"] > 0, result  # measured: 196 of 999
+    assert result["never_popped"] > 0, result  # measured: 188 to 217 of 999 in 4 runs
 
 
 def test_doctor_passes_flask_sqlalchemy_through_greenscope_flask() -> None:
