@@ -9,8 +9,8 @@ first (Flask runs them in reverse order and stops at the first error). The Sessi
 registry, and the next app context allocated at the same address inherits it, with its pending
 objects and open transaction. Measured (tests/test_diagnostics.py): 1,000 sequential gevent
 greenlets that pushed an app context and never popped it: 188 to 217 of the 999 after the first
-got a dead greenlet's Session (4 runs); with the context popped, 0. A WARNING, then; UNSAFE when nothing ever
-removes the session (a ``db`` whose teardown is not registered on any app).
+got a dead greenlet's Session (4 runs); with the context popped, 0. A WARNING, then; UNSAFE
+when nothing ever removes the session (a ``db`` whose teardown is not registered on any app).
 """
 
 from __future__ import annotations
