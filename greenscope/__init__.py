@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import logging as _logging
 
+# records when each Session's transaction began, for diagnostics.runtime_report (before the
+# application's first transaction)
+from . import _transactions as _transactions
 from .drivers import patch_drivers as patch_drivers
 from .explicit import scope as scope
 from .registry import WeakScopeRegistry as WeakScopeRegistry
