@@ -44,6 +44,7 @@ from .scoping import (
     ScopeKey,
     _current_task,
     _get_running_loop,
+    current_owner,
     current_scope,
 )
 
@@ -373,7 +374,13 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
             key.add_done_callback(entry.hook)
         elif isinstance(key, ScopeKey):
             entry.hook, entry.keep = entry.scope_ended, self
-            key._ends.append(entry.hook)
+            if not key.handoff:  # the common case, kept as cheap as a list append
+                key._ends.append(entry.hook)
+            elif not key.add_end(entry.hook):  # a handed-off key that ended meanwhile
+                del self._entries[key_id]
+                entry.kill()
+                self._store(current_owner(), value)  # the thread's own scope, not the dead one
+                return
         var = self._var
         if var is not None:  # as ``_cache``, inlined: a new entry has no ``_Fast`` yet
             fast = _Fast(key.owner if type(key) is ScopeKey else key, value)
