@@ -13,6 +13,7 @@ from .explicit import scope as scope
 from .registry import WeakScopeRegistry as WeakScopeRegistry
 from .scoping import current_scope as current_scope
 from .session import scoped_session as scoped_session
+from .threads import handoff as handoff
 
-__all__ = ["WeakScopeRegistry", "current_scope", "scope", "scoped_session"]
+__all__ = ["WeakScopeRegistry", "current_scope", "handoff", "scope", "scoped_session"]
 __version__ = "0.1.0"
