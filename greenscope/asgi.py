@@ -204,7 +204,7 @@ async def _close_all(values: List[Any]) -> None:
             else:  # a ROLLBACK and a pool check-in: blocking I/O, not on the loop
                 pending.append((value, loop.run_in_executor(None, close)))
         except Exception:
-            _closing.log.exception("greenscope: error closing %r at the end of a request", value)
+            _closing.log.exception("greenscope: error closing %r at request end", value)
     if not pending:
         return
     everything = asyncio.gather(*(future for _, future in pending), return_exceptions=True)
@@ -220,7 +220,7 @@ async def _close_all(values: List[Any]) -> None:
     for (value, _), result in zip(pending, results):
         if isinstance(result, BaseException):
             _closing.log.error(
-                "greenscope: error closing %r at the end of a request",
+                "greenscope: error closing %r at request end",
                 value,
                 exc_info=(type(result), result, result.__traceback__),
             )

@@ -564,3 +564,49 @@ def test_scope_var_left_unchanged_after_a_request(Db: Any) -> None:
         return scope_var.get()
 
     assert asyncio.run(main()) is None
+
+
+@pytest.mark.parametrize("order", ["scope-outside", "scope-inside"])
+def test_base_http_middleware_runs_the_endpoint_in_another_task(Db: Any, order: str) -> None:
+    # Starlette's BaseHTTPMiddleware runs everything downstream of it in a child task: an async
+    # endpoint there is not the task that opened the request scope (DESIGN rule 4), while the
+    # thread pool still runs in copies of the request's context.
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.middleware import Middleware
+    from starlette.middleware.base import BaseHTTPMiddleware
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    seen: Dict[str, Any] = {}
+
+    class Dispatch(BaseHTTPMiddleware):
+        async def dispatch(self, request: Any, call_next: Any) -> Any:
+            seen["dispatch"] = Db()
+            return await call_next(request)
+
+    async def endpoint(request: Any) -> PlainTextResponse:
+        seen["async"] = Db()
+        seen["thread"] = await run_in_threadpool(Db)
+        return PlainTextResponse("ok")
+
+    stack = [Middleware(ScopeMiddleware), Middleware(Dispatch)]  # the first is the outermost
+    app = Starlette(
+        routes=[Route("/", endpoint)], middleware=stack if order == "scope-outside" else stack[::-1]
+    )
+
+    async def main() -> int:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return (await client.get("/")).status_code
+
+    assert asyncio.run(main()) == 200
+    if order == "scope-outside":
+        # the dispatch code and the thread pool share the request's session; the async
+        # endpoint, in the child task, has its own (closed when that task ends)
+        assert seen["thread"] is seen["dispatch"] and seen["async"] is not seen["dispatch"]
+    else:
+        # the scope opens in the child task: the endpoint and the thread pool share it; the
+        # dispatch code, outside it, has the request task's own session
+        assert seen["thread"] is seen["async"] and seen["dispatch"] is not seen["async"]
+    assert len(Db.registry) == 0
