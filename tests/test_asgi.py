@@ -74,7 +74,8 @@ class Server:
         while True:
             stats, backends = self.stats(), self.backends()
             clean = (
-                stats["checked_out"] == 0
+                stats["entries"] in (0, None)
+                and stats["checked_out"] == 0
                 and stats["async_checked_out"] == 0
                 and backends.get("idle in transaction", 0) == 0
             )
@@ -159,6 +160,7 @@ def concurrent(server: Server, path: str, n: int) -> List[Dict[str, Any]]:
 def assert_nothing_left(server: Server) -> Dict[str, Any]:
     settled = server.settled()
     stats, backends = settled["stats"], settled["backends"]
+    assert stats["entries"] == 0, settled  # nothing left registered
     assert stats["checked_out"] == 0, settled
     assert stats["async_checked_out"] == 0, settled
     assert backends.get("idle in transaction", 0) == 0, settled

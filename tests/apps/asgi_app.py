@@ -269,6 +269,8 @@ def stats() -> Dict[str, Any]:
     return {
         "checked_out": engine.pool.checkedout(),  # type: ignore[attr-defined]
         "async_checked_out": async_engine.pool.checkedout(),  # type: ignore[attr-defined]
+        # live registry entries (greenscope's registries count them; stock ones cannot)
+        "entries": None if MODE == "stock" else len(DB.registry) + len(ADB.registry),
         "created": list(created),
         "closed": list(closed),
         "background": list(background),
