@@ -230,7 +230,7 @@ def test_client_disconnect_mid_stream_leaves_nothing_checked_out(server: Server)
     assert_nothing_left(server)
 
 
-def test_background_tasks_run_after_the_requests_sessions_are_closed_in_a_fresh_scope(
+def test_background_tasks_share_the_requests_session_closed_when_the_app_returns(
     server: Server,
 ) -> None:
     requests = sequential(server, "/background", 5)
@@ -238,22 +238,43 @@ def test_background_tasks_run_after_the_requests_sessions_are_closed_in_a_fresh_
     while len(server.stats()["background"]) < 10 and time.monotonic() < deadline:
         time.sleep(0.1)
     settled = assert_nothing_left(server)
-    runs = [
-        b
-        for b in settled["stats"]["background"]
-        if b["request"] in {r["request"] for r in requests}
-    ]
+    mine = {r["request"] for r in requests}
+    runs = [b for b in settled["stats"]["background"] if b["request"] in mine]
     assert len(runs) == 10
     for run in runs:
-        # the response was complete, so the request's session was closed before they ran ...
-        assert run["request_closed_before"]
-        # ... and the proxies give them sessions of their own, closed when the app returned
-        assert run["proxy"] != run["request"]
-        assert run["proxy"] in settled["stats"]["closed"]
-    # the request's session, used again by hand in the sync task, was closed again at the end
-    reused = [run["request"] for run in runs if run["kind"] == "sync"]
+        # they run after the response was sent, still in the request's scope, its session open
+        assert run["in_request_scope"] and not run["request_closed_before"]
+    # the sync one runs in the thread pool, handed off: the proxy gives the request's session
+    assert all(run["proxy"] == run["request"] for run in runs if run["kind"] == "sync")
     closed = settled["stats"]["closed"]
-    assert all(closed.count(serial) >= 2 for serial in reused)
+    assert all(run["proxy"] in closed for run in runs)
+
+
+def test_yield_dependency_exit_runs_in_the_scope_and_its_commit_is_kept(
+    server: Server, pg_table: str
+) -> None:
+    # FastAPI runs a yield dependency's exit after the response is sent: the scope must still
+    # be open then, or the commit there would find its work rolled back by the close.
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for n in range(3):
+            params = {"table": pg_table, "owner": f"owner-{n}"}
+            assert client.post("/insert", params=params).status_code == 200
+        exits = sequential(server, "/sync-yield", 3)
+    import psycopg2
+
+    conn = psycopg2.connect(require_postgres(), connect_timeout=5)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"select count(*) from {pg_table}")
+            assert cur.fetchone() == (3,)
+    finally:
+        conn.close()
+    settled = assert_nothing_left(server)
+    seen = {e["request"]: e for e in settled["stats"]["yield_exits"]}
+    for response in exits:
+        assert response["endpoint"] == response["request"]
+        assert seen[response["request"]]["proxy"] == response["request"]
+        assert not seen[response["request"]]["closed_before_exit"]
 
 
 def test_app_that_raises_leaves_nothing_checked_out_or_idle_in_transaction(
@@ -478,23 +499,21 @@ def test_sync_session_holding_a_transaction_is_closed_off_the_event_loop(Db: Any
     assert Recorder.closes[0]["thread"] != loop_thread["id"]
 
 
-def test_sessions_are_closed_when_the_response_completes_before_the_app_returns(
-    Db: Any,
-) -> None:
+def test_sessions_stay_open_after_the_response_until_the_app_returns(Db: Any) -> None:
     seen: Dict[str, Any] = {}
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         seen["request"] = Db()
         await respond(send)
-        seen["closed_after_response"] = [c["session"] for c in Recorder.closes]
-        seen["after"] = Db()  # what a background task gets: the same scope, a fresh session
+        seen["closed_after_response"] = list(Recorder.closes)
+        seen["after"] = Db()  # what a background task gets: the request's session, still open
         seen["scope"] = greenscope.current_scope()
 
     asyncio.run(serve(app)())
-    assert seen["closed_after_response"] == [seen["request"]]
-    assert seen["after"] is not seen["request"]
+    assert seen["closed_after_response"] == []
+    assert seen["after"] is seen["request"]
     assert type(seen["scope"]) is ScopeKey
-    assert [c["session"] for c in Recorder.closes] == [seen["request"], seen["after"]]
+    assert [c["session"] for c in Recorder.closes] == [seen["request"]]
     assert len(Db.registry) == 0
 
 

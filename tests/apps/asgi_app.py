@@ -10,6 +10,8 @@ which session the endpoint, its dependency, a streaming body or a background tas
 - ``/stream``: a ``StreamingResponse`` of a sync generator and ``/astream`` of an async one,
   each chunk reporting its session and backend pid; ``?delay=`` seconds between chunks;
 - ``/background``: a response with a sync and an async ``BackgroundTask``;
+- ``/sync-yield``: a ``def`` generator dependency, whose exit FastAPI runs after the response;
+  ``/insert``: one that commits in its exit (the common FastAPI pattern);
 - ``/boom`` and ``/aboom``: use a session, leave a transaction open, raise;
 - ``/ws``: a websocket echoing the serial of its session for every message;
 - ``/stats``: connections checked out, sessions created and closed, lifespan facts, and what
@@ -152,6 +154,41 @@ def sync_endpoint(dep: Annotated[Dict[str, Any], Depends(sync_dependency)]) -> D
     }
 
 
+yield_exits: List[Dict[str, Any]] = []
+
+
+def yield_dependency() -> Iterator[SerialSession]:
+    session = DB()
+    yield session
+    # FastAPI runs a def generator dependency's exit in the thread pool too
+    yield_exits.append(
+        {
+            "request": session.serial,
+            "proxy": DB().serial,
+            "closed_before_exit": session.serial in closed,
+        }
+    )
+
+
+@app.get("/sync-yield", response_model=None)
+def sync_yield(db: Annotated[SerialSession, Depends(yield_dependency)]) -> Dict[str, Any]:
+    return {"request": db.serial, "endpoint": DB().serial, "pid": _pid(db)}
+
+
+def committing_dependency() -> Iterator[SerialSession]:
+    session = DB()
+    yield session
+    session.commit()  # the common FastAPI pattern: commit in the dependency's exit
+
+
+@app.post("/insert", response_model=None)
+def insert(
+    db: Annotated[SerialSession, Depends(committing_dependency)], table: str, owner: str
+) -> Dict[str, Any]:
+    db.execute(sa.text(f"insert into {table} (owner, n) values (:owner, 1)"), {"owner": owner})
+    return {"request": db.serial}
+
+
 def _chunk(**fields: Any) -> bytes:
     return (repr(sorted(fields.items())) + "\n").encode()
 
@@ -199,28 +236,29 @@ async def astream(request: Request, delay: float = 0.0) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/plain")
 
 
-def sync_background(session: SerialSession) -> None:
+def sync_background(session: SerialSession, key: object) -> None:
     own = DB()
     background.append(
         {
             "kind": "sync",
             "request": session.serial,
             "request_closed_before": session.serial in closed,
+            "in_request_scope": greenscope.current_scope() is key,
             "proxy": own.serial,
-            "pid": _pid(own),  # a transaction left open on the background task's session
-            "reused_pid": _pid(session),  # the request's session used again, by hand
+            "pid": _pid(own),  # a transaction left open
         }
     )
 
 
-async def async_background(session: SerialSession) -> None:
+async def async_background(session: SerialSession, key: object) -> None:
     own = ADB()
-    await own.execute(sa.text("select 1"))
+    await own.execute(sa.text("select 1"))  # a transaction left open
     background.append(
         {
             "kind": "async",
             "request": session.serial,
             "request_closed_before": session.serial in closed,
+            "in_request_scope": greenscope.current_scope() is key,
             "proxy": own.serial,
         }
     )
@@ -230,8 +268,9 @@ async def async_background(session: SerialSession) -> None:
 def with_background(tasks: BackgroundTasks) -> Dict[str, Any]:
     session = DB()
     _pid(session)
-    tasks.add_task(sync_background, session)
-    tasks.add_task(async_background, session)
+    key = greenscope.current_scope()  # the request's scope, handed to this pool thread
+    tasks.add_task(sync_background, session, key)
+    tasks.add_task(async_background, session, key)
     return {"request": session.serial}
 
 
@@ -274,5 +313,6 @@ def stats() -> Dict[str, Any]:
         "created": list(created),
         "closed": list(closed),
         "background": list(background),
+        "yield_exits": list(yield_exits),
         "lifespan": dict(lifespan_facts),
     }
