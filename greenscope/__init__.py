@@ -10,10 +10,10 @@ imported, so this module never refers to the stdlib ``asyncio`` by that name.
 from __future__ import annotations
 
 from .explicit import scope as scope
+from .handoffs import handoff as handoff
 from .registry import WeakScopeRegistry as WeakScopeRegistry
 from .scoping import current_scope as current_scope
 from .session import scoped_session as scoped_session
-from .threads import handoff as handoff
 
 __all__ = ["WeakScopeRegistry", "current_scope", "handoff", "scope", "scoped_session"]
 __version__ = "0.1.0"
