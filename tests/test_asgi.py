@@ -396,6 +396,28 @@ def test_child_task_created_inside_the_request_gets_its_own_session(Db: Any) -> 
     assert len(Db.registry) == 0
 
 
+def test_thread_pool_work_dispatched_by_a_child_task_is_still_handed_the_request(
+    Db: Any,
+) -> None:
+    # What the docs warn about: a child task has its own scope, but the thread work it dispatches
+    # runs in a copy of its context, which holds the request's scope: two such calls at once
+    # share the request's one Session between two threads.
+    seen: Dict[str, Any] = {}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen["request"] = Db()
+
+        async def child() -> Any:
+            return Db(), await asyncio.to_thread(Db)
+
+        seen["child"], seen["child_thread"] = await asyncio.create_task(child())
+        await respond(send)
+
+    asyncio.run(serve(app)())
+    assert seen["child"] is not seen["request"]
+    assert seen["child_thread"] is seen["request"]
+
+
 def test_threads_see_the_request_only_through_a_hand_off(Db: Any) -> None:
     seen: Dict[str, Any] = {}
     pool = ThreadPoolExecutor(2)
