@@ -16,11 +16,19 @@ import logging as _logging
 from . import _transactions as _transactions
 from .drivers import patch_drivers as patch_drivers
 from .explicit import scope as scope
+from .handoffs import handoff as handoff
 from .registry import WeakScopeRegistry as WeakScopeRegistry
 from .scoping import current_scope as current_scope
 from .session import scoped_session as scoped_session
 
-__all__ = ["WeakScopeRegistry", "current_scope", "patch_drivers", "scope", "scoped_session"]
+__all__ = [
+    "WeakScopeRegistry",
+    "current_scope",
+    "handoff",
+    "patch_drivers",
+    "scope",
+    "scoped_session",
+]
 __version__ = "0.1.0"
 
 # A library logs and lets the application decide where it goes (gunicorn's hooks in

@@ -47,6 +47,7 @@ from .scoping import (
     ScopeKey,
     _current_task,
     _get_running_loop,
+    current_owner,
     current_scope,
 )
 
@@ -378,6 +379,10 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
         entry = _new_entry(key, self._self_ref, key_id, value)
         try:
             entry.unhook, entry.home, keep = runtimes.attach(key, entry)
+        except runtimes.ScopeEnded:  # a handed-off scope ended meanwhile: the thread's own scope
+            entry.value = None
+            self._store(current_owner(), value, made_here)
+            return
         except BaseException:
             entry.value = None
             if made_here:

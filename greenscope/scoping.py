@@ -21,13 +21,18 @@ Explicit scopes live in a :class:`contextvars.ContextVar`. greenlet >= 1.0 gives
 an empty context, so gevent children never see their parent's scope; asyncio child tasks get
 a *copy* of their parent's context, so every scope records the greenlet or task that opened it
 (its ``owner``) and is ignored anywhere else (DESIGN rule 4: children never inherit by accident).
+The one exception is a scope *handed off* to threads (``ScopeKey.handoff``: the ASGI middleware's
+requests, :func:`greenscope.handoff`): a thread running in a copy of its context, outside any
+asyncio task, is in it until it ends (``ScopeKey.ended``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import os
 import sys
+import threading
 import weakref
 from typing import Any, Callable, List, Optional
 
@@ -61,22 +66,61 @@ class ScopeKey:
 
     ``owner`` is the greenlet or task that opened it; ``_ends`` are the callbacks the
     registries attached to it, run (newest first) when the scope exits.
+
+    ``handoff``: the scope is shared on purpose with threads running a copy of its context
+    outside any asyncio task (a framework's thread pool, :func:`greenscope.handoff`);
+    ``ended``: it is over, and such threads no longer see it. For a handed-off key, ending and
+    attaching an end hook take a lock, so that a thread racing the end never registers a
+    session under a dead key (see :meth:`add_end`).
     """
 
-    __slots__ = ("__weakref__", "_ends", "owner")
+    __slots__ = ("__weakref__", "_ends", "ended", "handoff", "owner")
 
-    def __init__(self, owner: object) -> None:
+    def __init__(self, owner: object, handoff: bool = False) -> None:
         self.owner = owner
         self._ends: List[Callable[[], object]] = []
+        self.handoff = handoff
+        self.ended = False
 
     def end(self) -> List[Any]:
         """Run the registries' end hooks, newest first, once; return the values to close."""
-        ends, self._ends = self._ends, []
+        if self.handoff:
+            with _end_lock:
+                self.ended = True
+                ends, self._ends = self._ends, []
+        else:
+            self.ended = True
+            ends, self._ends = self._ends, []
         values = [end() for end in reversed(ends)]
         return [value for value in values if value is not None]
 
+    def add_end(self, hook: Callable[[], object]) -> bool:
+        """Attach a registry's end hook; False, and nothing attached, if the scope has ended
+        (a handed-off thread that found the key just before its end)."""
+        if not self.handoff:
+            self._ends.append(hook)
+            return True
+        with _end_lock:
+            if self.ended:
+                return False
+            self._ends.append(hook)
+            return True
+
     def __repr__(self) -> str:
         return f"<greenscope.ScopeKey owner={self.owner!r} at {id(self):#x}>"
+
+
+#: Guards ``ended`` and ``_ends`` of handed-off keys (held for a few bytecodes, never across I/O).
+_end_lock = threading.Lock()
+
+
+def _new_end_lock() -> None:
+    global _end_lock
+    _end_lock = threading.Lock()  # a fork child must not inherit it held by another thread
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_end_lock)
 
 
 #: The innermost explicit scope of this context; set and reset only by ``greenscope.scope``.
@@ -153,6 +197,11 @@ def current_scope() -> object:
     """
     owner = current_owner()
     key = scope_var.get()
-    if key is not None and key.owner is owner:
-        return key
+    if key is not None:
+        if key.owner is owner:
+            return key
+        # Handed off: a thread running a copy of the scope's context, outside any task (asyncio
+        # child tasks also run in copies and must get their own session: DESIGN rule 4).
+        if key.handoff and not key.ended and _get_running_loop() is None:
+            return key
     return owner

@@ -31,7 +31,7 @@ from greenlet import greenlet as _greenlet
 from ..scoping import ScopeKey, _get_running_loop
 from . import aio, eventlet, gevent, threads
 
-__all__ = ["Home", "attach", "home_here"]
+__all__ = ["Home", "ScopeEnded", "attach", "home_here"]
 
 
 class Home(Protocol):
@@ -53,6 +53,12 @@ class Ending(Protocol):
 #: takes the end hook off a key again (called with the key: it must never hold the key itself,
 #: or the entry holding it would keep its key alive)
 Unhook = Optional[Callable[[Any], None]]
+
+
+class ScopeEnded(Exception):
+    """Raised by :func:`attach` for a handed-off scope that ended before its hook was added: the
+    caller stores the value in the caller's own scope instead."""
+
 
 _SCOPE, _GEVENT, _EVENTLET, _TASK, _GREENLET, _OTHER = range(6)
 #: type -> kind; a type's kind never changes (gevent's and eventlet's types exist only once they
@@ -94,7 +100,8 @@ def attach(key: Any, entry: Ending) -> Tuple[Unhook, Home, bool]:
         return gevent.watch(key, entry.ended), gevent.home_if_running() or home_here(), True
     if kind == _SCOPE:
         hook = entry.scope_ended
-        key._ends.append(hook)
+        if not key.add_end(hook):  # a scope handed off to this thread ended meanwhile
+            raise ScopeEnded
         return lambda scope_key: _remove(scope_key._ends, hook), home_here(), True
     if kind == _TASK:
         return aio.watch(key, entry.ended), aio.LoopDoor(key.get_loop()), True
