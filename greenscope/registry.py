@@ -94,9 +94,8 @@ class _Entry(weakref.ref):  # type: ignore[type-arg]
     #: Weak: a ``_Fast`` holds its owner strongly and must live only as long as the contexts
     #: that cache it, or ``_entries`` would keep every greenlet alive through it.
     fast_ref: Callable[[], Optional[_Fast]]
-    #: takes the end hook off the key again (for clear(), given the key); kill() drops it,
-    #: which breaks the entry -> hook -> entry cycle
-    unhook: Optional[Callable[[Any], None]]
+    #: takes the end hook off the key again (for clear(): ``unhook(key, entry)``)
+    unhook: Optional[Callable[[Any, Any], None]]
 
     def ended(self, *_args: Any) -> None:
         """The scope ended by itself: a gevent ``rawlink`` or eventlet ``link()`` (the greenlet),
@@ -108,8 +107,8 @@ class _Entry(weakref.ref):  # type: ignore[type-arg]
             home, origin = self.home, self.origin
             value = self.kill()
             registry.ended_without_remove += 1
-            if value is not None and home is not None:
-                home.close_soon(value, origin)
+            if value is not None:
+                (home or runtimes.home_here()).close_soon(value, origin)
 
     def taken(self) -> Any:
         """The end hook of a thread: drop the entry, return ``(value, origin)`` for the ending
@@ -323,7 +322,7 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
             unhook = entry.unhook
             self._drop(entry)
             if unhook is not None:  # a long-lived task or greenlet that calls remove() once per
-                unhook(key)  # job must not collect one end hook per job
+                unhook(key, entry)  # job must not collect one end hook per job
         elif not self._check_key(key):
             self.registry.pop(key, None)
 

@@ -50,9 +50,9 @@ class Ending(Protocol):
     def scope_ended(self) -> Any: ...
 
 
-#: takes the end hook off a key again (called with the key: it must never hold the key itself,
-#: or the entry holding it would keep its key alive)
-Unhook = Optional[Callable[[Any], None]]
+#: takes an entry's end hook off its key again (for ``clear()``): a plain function of
+#: ``(key, entry)``, so that an entry holds neither its key nor its hook
+Unwatch = Optional[Callable[[Any, Any], None]]
 
 
 class ScopeEnded(Exception):
@@ -87,31 +87,43 @@ def _kind(cls: type) -> int:
     return kind
 
 
-def attach(key: Any, entry: Ending) -> Tuple[Unhook, Home, bool]:
-    """Hook what ends ``key``'s scope to ``entry``. Return the unhook (for ``clear()``, None when
-    only the GC ends it), the home its value is closed in if the scope ends by itself, and whether
-    the entry keeps its registry alive until then (a short-lived scope: a greenlet, task or
-    explicit scope, so that a registry its user dropped still closes what it holds).
+def attach(key: Any, entry: Ending) -> Tuple[Unwatch, Optional[Home], bool]:
+    """Hook what ends ``key``'s scope to ``entry``. Return how to take the hook off again (for
+    ``clear()``; None when only the GC ends it), the home its value is closed in if the scope
+    ends by itself (None: found when needed, :func:`home_here`), and whether the entry keeps its
+    registry alive until then (a short-lived scope: a greenlet, task or explicit scope, so that
+    a registry its user dropped still closes what it holds).
 
     Raises whatever the key's hook raises: the caller stores nothing then.
     """
     kind = _kind(type(key))
     if kind == _GEVENT:  # the churn case: checked first
-        return gevent.watch(key, entry.ended), gevent.home_if_running() or home_here(), True
+        gevent.watch(key, entry)
+        return gevent.unwatch, gevent.home_if_running() or home_here(), True
     if kind == _SCOPE:
-        hook = entry.scope_ended
-        if not key.add_end(hook):  # a scope handed off to this thread ended meanwhile
+        if not key.add_end(entry.scope_ended):  # a scope handed off to this thread ended
             raise ScopeEnded
-        return lambda scope_key: _remove(scope_key._ends, hook), home_here(), True
+        # an explicit scope closes its values at its exit; the home is needed only if it is
+        # garbage collected without exiting (a response the server never closed)
+        return _unwatch_scope, None, True
     if kind == _TASK:
-        return aio.watch(key, entry.ended), aio.LoopDoor(key.get_loop()), True
+        aio.watch(key, entry)
+        return aio.unwatch, aio.LoopDoor(key.get_loop()), True
     if kind == _EVENTLET:
-        return eventlet.watch(key, entry.ended), eventlet.home_if_running() or home_here(), True
+        eventlet.watch(key, entry)
+        return eventlet.unwatch, eventlet.home_if_running() or home_here(), True
     if kind == _GREENLET and key.parent is None and key is getcurrent():
         # this thread's main greenlet: the thread's end is the scope's end (a thread may live as
         # long as the process: it does not keep the registry alive)
-        return threads.watch(id(entry), entry.taken), threads.home(), False
+        threads.watch(key, entry)
+        return threads.unwatch, threads.home(), False
     return None, home_here(), False  # the weakref callback (the GC) ends it
+
+
+def _unwatch_scope(key: Any, entry: Any) -> None:
+    hook = entry.scope_ended
+    if hook in key._ends:
+        key._ends.remove(hook)
 
 
 def home_here() -> Home:
@@ -123,11 +135,6 @@ def home_here() -> Home:
     if loop is not None:
         return aio.LoopDoor(loop)
     return threads.home()
-
-
-def _remove(hooks: Any, hook: Any) -> None:
-    if hook in hooks:
-        hooks.remove(hook)
 
 
 def _after_fork_in_child() -> None:

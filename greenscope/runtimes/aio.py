@@ -25,7 +25,6 @@ from typing import (
     Any,
     AsyncGenerator,
     Awaitable,
-    Callable,
     Coroutine,
     Deque,
     Dict,
@@ -38,20 +37,28 @@ from typing import (
 from .. import _closing
 from . import threads
 
-__all__ = ["CLOSE_TIMEOUT", "LoopDoor", "LoopHome", "finish_close", "home", "wait_closed", "watch"]
+__all__ = [
+    "CLOSE_TIMEOUT",
+    "LoopDoor",
+    "LoopHome",
+    "finish_close",
+    "home",
+    "unwatch",
+    "wait_closed",
+    "watch",
+]
 
 #: Seconds a close on a loop may take before it is abandoned (a dead server must not hang exit).
 CLOSE_TIMEOUT = 30.0
 
 
-def watch(task: asyncio.Future[Any], ended: Callable[..., None]) -> Callable[[Any], None]:
-    """Call ``ended(task)`` when ``task`` is done (on its loop); return the unhook."""
-    task.add_done_callback(ended)
+def watch(task: asyncio.Future[Any], entry: Any) -> None:
+    """Call ``entry.ended(task)`` when ``task`` is done (on its loop)."""
+    task.add_done_callback(entry.ended)
 
-    def unhook(key: asyncio.Future[Any]) -> None:
-        key.remove_done_callback(ended)
 
-    return unhook
+def unwatch(task: asyncio.Future[Any], entry: Any) -> None:
+    task.remove_done_callback(entry.ended)
 
 
 class _CloseTask(asyncio.Task[None]):

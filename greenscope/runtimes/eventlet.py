@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 from .green import HubHome
 
-__all__ = ["EventletHome", "greenthread_type", "home_if_running", "watch"]
+__all__ = ["EventletHome", "greenthread_type", "home_if_running", "unwatch", "watch"]
 
 
 def greenthread_type() -> Optional[type]:
@@ -29,10 +29,13 @@ def greenthread_type() -> Optional[type]:
     return None if module is None else module.GreenThread
 
 
-def watch(thread: Any, ended: Callable[..., None]) -> Callable[[Any], None]:
-    """Call ``ended(thread)`` when the greenthread finishes; return the unhook."""
-    thread.link(ended)
-    return lambda key: key.unlink(ended) and None
+def watch(thread: Any, entry: Any) -> None:
+    """Call ``entry.ended(thread)`` when the greenthread finishes."""
+    thread.link(entry.ended)
+
+
+def unwatch(thread: Any, entry: Any) -> None:
+    thread.unlink(entry.ended)
 
 
 class EventletHome(HubHome):

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 from .green import HubHome
 
-__all__ = ["GeventHome", "greenlet_type", "home_if_running", "watch"]
+__all__ = ["GeventHome", "greenlet_type", "home_if_running", "unwatch", "watch"]
 
 
 def greenlet_type() -> Optional[type]:
@@ -27,10 +27,13 @@ def greenlet_type() -> Optional[type]:
     return None if module is None else module.Greenlet
 
 
-def watch(glet: Any, ended: Callable[..., None]) -> Callable[[Any], None]:
-    """Call ``ended(glet)`` in the hub when ``glet`` finishes; return the unhook."""
-    glet.rawlink(ended)
-    return lambda key: key.unlink(ended)
+def watch(glet: Any, entry: Any) -> None:
+    """Call ``entry.ended(glet)`` in the hub when ``glet`` finishes."""
+    glet.rawlink(entry.ended)
+
+
+def unwatch(glet: Any, entry: Any) -> None:
+    glet.unlink(entry.ended)
 
 
 class GeventHome(HubHome):

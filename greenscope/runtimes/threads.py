@@ -23,7 +23,7 @@ from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
 from .. import _closing
 
-__all__ = ["ThreadHome", "close", "home", "watch"]
+__all__ = ["ThreadHome", "close", "home", "unwatch", "watch"]
 
 
 def _native(module: str, name: str) -> Any:
@@ -46,12 +46,10 @@ class ThreadHome:
         self.queue: Deque[Tuple[Any, Optional[str]]] = collections.deque()
         self.closing = False
 
-    def at_end(self, key: int, end: Callable[[], Any]) -> Callable[[Any], None]:
+    def at_end(self, key: int, end: Callable[[], Any]) -> None:
         """Run ``end()`` when the calling thread ends and close the ``(value, origin)`` it
-        returns, if any, in that thread; return the unhook."""
-        ends = _end_of_this_thread().ends
-        ends[key] = end
-        return lambda _glet: ends.pop(key, None) and None
+        returns, if any, in that thread (``key``: what :func:`unwatch` takes it back by)."""
+        _end_of_this_thread().ends[key] = end
 
     def close_soon(self, value: Any, origin: Optional[str]) -> None:
         """Close ``value`` in this home's closer thread; callable anywhere, never blocks."""
@@ -127,10 +125,14 @@ def _end_of_this_thread() -> _ThreadEnd:
         return found
 
 
-def watch(key_id: int, end: Callable[[], Any]) -> Callable[[Any], None]:
-    """The end hook for a key that is this thread's main greenlet: ``end()`` at thread end
-    returns ``(value, origin)`` to close, or None."""
-    return home().at_end(key_id, end)
+def watch(glet: Any, entry: Any) -> None:
+    """The end hook for a key that is this thread's main greenlet: ``entry.taken()`` at thread
+    end returns ``(value, origin)`` to close, or None."""
+    _end_of_this_thread().ends[id(entry)] = entry.taken
+
+
+def unwatch(glet: Any, entry: Any) -> None:
+    _end_of_this_thread().ends.pop(id(entry), None)
 
 
 def after_fork_in_child() -> None:
