@@ -68,6 +68,7 @@ import weakref
 from typing import Any, List, Optional, Set, Tuple
 
 from . import _closing
+from . import fork as _fork
 from . import registry as _registry
 
 __all__ = [
@@ -207,7 +208,7 @@ def dispose_engines_inherited_at_fork() -> int:
         if engine is None or id(engine.pool) in pools:
             continue
         pools.add(id(engine.pool))
-        engine.dispose(close=False)
+        _fork.renew_pool(engine)  # dispose(close=False), the master's connections orphaned
     return len(pools)
 
 
@@ -262,7 +263,10 @@ def _snapshot_inherited() -> bool:
 
 def _take_snapshot() -> None:
     global _snapshot
-    _snapshot = (os.getpid(), [weakref.ref(engine) for engine in _find_engines()])
+    engines = _find_engines()
+    for engine in engines:  # renewed at the fork too, their inherited sockets neutralised
+        _fork.fork_safe(engine)
+    _snapshot = (os.getpid(), [weakref.ref(engine) for engine in engines])
 
 
 def _find_engines() -> List[Any]:
