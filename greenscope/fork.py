@@ -61,7 +61,7 @@ from sqlalchemy.pool.base import _ConnectionRecord
 from . import _closing
 from . import registry as _registry
 
-__all__ = ["fork_safe", "renew_pool"]
+__all__ = ["ensure_child_state", "fork_safe", "renew_pool"]
 
 _E = TypeVar("_E")
 
@@ -88,6 +88,8 @@ class _Tracking:
 _tracked: weakref.WeakKeyDictionary[Engine, _Tracking] = weakref.WeakKeyDictionary()
 #: the engines the parent saw just before this fork, for the child handler (strong, briefly)
 _at_fork: List[Engine] = []
+#: the process the fork handling last ran in (or that imported this module)
+_handled_pid = os.getpid()
 
 
 def fork_safe(engine: _E) -> _E:
@@ -145,6 +147,27 @@ def renew_pool(engine: Any) -> bool:
         _orphan(pool, inherited)
     engine.dispose(close=False)
     return bool(inherited)
+
+
+def ensure_child_state() -> bool:
+    """Run greenscope's fork handling now if this process was forked without it; return whether
+    it had to (a ``fork()`` made in C without ``PyOS_AfterFork_Child()`` runs no at-fork handler).
+
+    Integrations call it from their "new worker process" hook (Celery's
+    ``worker_process_init``); it is cheap and idempotent.
+
+    Example (this process ran it when it started, so there is nothing to do)::
+
+        >>> import greenscope.fork
+        >>> greenscope.fork.ensure_child_state()
+        False
+    """
+    if _handled_pid == os.getpid():
+        return False
+    _registry._after_fork_in_child()
+    _closing._after_fork_in_child()
+    _after_fork_in_child()
+    return True
 
 
 # -- the pieces ---------------------------------------------------------------------------
@@ -249,6 +272,8 @@ def _before_fork() -> None:
 
 def _after_fork_in_child() -> None:
     """Child, right after the fork: renew every engine seen before it (no I/O, no switch)."""
+    global _handled_pid
+    _handled_pid = os.getpid()
     engines = list(_at_fork)
     _at_fork.clear()
     # a fork that ran no before handler (a C fork() followed by PyOS_AfterFork_Child())
