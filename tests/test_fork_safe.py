@@ -134,7 +134,8 @@ def test_stock_scoped_session_hands_forked_children_the_parents_connections(pg_u
     children = list(report["children"].values())
     parents = {report["parent_backend"], report["idle_backend"]}
     used_parents = [c for c in children if "error" in c or c["session"] in parents]
-    assert used_parents or len(children) < 4, report  # the children ran on (or broke on) the parent's connections
+    # the children ran on (or broke on) the parent's connections
+    assert used_parents or len(children) < 4, report
 
 
 _PLAIN_FORK = r"""
