@@ -52,7 +52,7 @@ from __future__ import annotations
 import gc
 import os
 import weakref
-from typing import Any, Iterable, List, Optional, TypeVar
+from typing import Any, Callable, Iterable, List, Optional, Tuple, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
@@ -236,6 +236,13 @@ def _orphan(pool: Any, records: List[_ConnectionRecord]) -> None:
             os.close(null)
 
 
+_FD_GETTERS: Tuple[Callable[[Any], Any], ...] = (
+    lambda c: c.fileno(),  # psycopg2, psycopg
+    lambda c: c._transport.get_extra_info("socket").fileno(),  # asyncpg
+    lambda c: c._sock.fileno(),  # pymysql
+)
+
+
 def _socket_fd(dbapi_connection: Any) -> Optional[int]:
     """The socket file descriptor of a DBAPI connection (psycopg2, psycopg, asyncpg, pymysql),
     or None (SQLite, a closed connection)."""
@@ -245,11 +252,7 @@ def _socket_fd(dbapi_connection: Any) -> Optional[int]:
     for conn in candidates:
         if conn is None:
             continue
-        for get in (
-            lambda c: c.fileno(),
-            lambda c: c._transport.get_extra_info("socket").fileno(),  # asyncpg
-            lambda c: c._sock.fileno(),  # pymysql
-        ):
+        for get in _FD_GETTERS:
             try:
                 fd = get(conn)
             except Exception:

@@ -139,6 +139,8 @@ def celery_worker(
         GS_CELERY_QUEUE=worker.queue,
         GS_APPLICATION_NAME=worker.appname,
     )
+    if flavour == "stock":  # bounded waits for a connection: the stock runs exhaust the pool
+        env["GS_POOL_TIMEOUT"] = "1"
     cmd = [sys.executable, "-m", "celery", "-A", "apps.celery_app", "worker", "-P", pool]
     if concurrency is not None:
         cmd += ["-c", str(concurrency)]

@@ -35,7 +35,7 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
     result_expires=600,
-    task_time_limit=10,  # a stock task stuck on a socket shared with another process is killed
+    task_time_limit=5,  # a stock task stuck on a socket shared with another process is killed
 )
 
 engine = sa.create_engine(
