@@ -10,8 +10,9 @@ rolled back by SQLAlchemy's finalizer (the parent's open transaction is gone), a
 ``close()`` sends libpq's Terminate (the parent's connection is gone).
 
 What the child does, in the ``os.register_at_fork`` handler (no I/O, no greenlet switch), for
-every engine a greenscope registry's ``sessionmaker`` is bound to (``bind`` or ``binds``) and
-every engine given to :func:`fork_safe`:
+every engine a greenscope registry's ``sessionmaker`` is bound to (``bind`` or ``binds``, or the
+engines of a Flask-SQLAlchemy ``db`` made with :mod:`greenscope.flask`) and every engine given
+to :func:`fork_safe`:
 
 1. the old pool and every connection record it had are kept referenced for the rest of the
    child's life (``_closing.fork_orphans``), and each checked-out record is told it has no fairy,
@@ -52,7 +53,7 @@ from __future__ import annotations
 import gc
 import os
 import weakref
-from typing import Any, Callable, Iterable, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
@@ -208,7 +209,10 @@ def _bound_engines() -> List[Engine]:
         kw = getattr(registry.createfunc, "kw", None)
         if not isinstance(kw, dict):
             continue
-        binds: Iterable[Any] = [kw.get("bind"), *dict(kw.get("binds") or {}).values()]
+        binds: List[Any] = [kw.get("bind"), *dict(kw.get("binds") or {}).values()]
+        # Flask-SQLAlchemy 3 (greenscope.flask): the session finds its engines through db
+        for per_app in list(getattr(kw.get("db"), "_app_engines", {}).values()):
+            binds.extend(dict(per_app).values())
         for bind in binds:
             sync = getattr(bind, "sync_engine", bind)
             if isinstance(sync, Engine) and sync not in found:

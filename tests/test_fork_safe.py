@@ -284,3 +284,30 @@ def test_fork_safe_engine_without_registry_keeps_parent_transactions_when_child_
     else:  # the child used the idle connection, and its close/finalizer ended the transactions
         assert child["backend"] in report["parents"]
         assert "error" in parent or parent.get("kept_rows") != 1, parent
+
+
+def test_flask_sqlalchemy_engines_of_a_greenscope_db_are_renewed_in_a_forked_child() -> None:
+    out = run_python(
+        """
+        import json, os
+        from flask import Flask
+        import greenscope.flask
+
+        app = Flask(__name__)
+        app.config["SQLALCHEMY_DATABASE_URI"] = "sqlite://"
+        app.config["SQLALCHEMY_BINDS"] = {"other": "sqlite://"}
+        db = greenscope.flask.SQLAlchemy(app)
+        with app.app_context():
+            pools = {key: id(engine.pool) for key, engine in db.engines.items()}
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            with app.app_context():
+                renewed = [id(e.pool) != pools[k] for k, e in db.engines.items()]
+            os.write(write, json.dumps(renewed).encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print(os.read(read, 1000).decode())
+        """
+    )
+    assert out == [True, True]
