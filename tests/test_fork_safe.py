@@ -17,7 +17,7 @@ from conftest import run_python
 pytestmark = pytest.mark.postgres
 
 _MULTIPROCESSING = r"""
-import json, multiprocessing, os, sys, threading
+import json, multiprocessing, os, sys, threading, time
 import sqlalchemy as sa
 from sqlalchemy.orm import sessionmaker, scoped_session
 import greenscope
@@ -55,14 +55,15 @@ children = [ctx.Process(target=child, args=(queue, n)) for n in range(4)]
 for process in children:
     process.start()
 results = {}
-for _ in children:  # bounded: children sharing the parent's socket may wait forever
+deadline = time.monotonic() + 8  # bounded: children sharing the parent's socket may hang
+for _ in children:
     try:
-        n, seen = queue.get(timeout=10)
+        n, seen = queue.get(timeout=max(0.1, deadline - time.monotonic()))
         results[n] = seen
     except Exception:
         break
 for process in children:
-    process.join(10)
+    process.join(max(0.1, deadline - time.monotonic()))
     if process.is_alive():
         process.kill()
         process.join(10)
@@ -311,3 +312,47 @@ def test_flask_sqlalchemy_engines_of_a_greenscope_db_are_renewed_in_a_forked_chi
         """
     )
     assert out == [True, True]
+
+
+def test_fork_handling_never_switches_greenlets_under_gevent(pg_url: str) -> None:
+    # A greenlet trace armed just before os.fork() (gevent's, under patch_all) records any switch
+    # until the child's first line: the at-fork handlers (registries, pool renewal, the dup2 of
+    # inherited sockets) run with runnable greenlets around and must not let one of them in.
+    out = run_python(
+        """
+        from gevent import monkey
+        monkey.patch_all()
+        import json, os, sys
+        import gevent, greenlet
+        import sqlalchemy as sa
+        from sqlalchemy.orm import sessionmaker
+        import greenscope
+
+        url = sys.argv[1]
+        engine = sa.create_engine(url, pool_size=3)
+        Session = greenscope.scoped_session(sessionmaker(engine))
+        other = greenscope.fork_safe(sa.create_engine(url))
+        with engine.connect() as c, other.connect() as d:
+            c.execute(sa.text("select 1"))
+            d.execute(sa.text("select 1"))
+        pools = [id(engine.pool), id(other.pool)]
+        runnable = [gevent.spawn(gevent.sleep, 0) for _ in range(5)]
+        events, armed = [], [False]
+
+        def trace(event, args):
+            if armed[0]:
+                events.append(event)
+
+        greenlet.settrace(trace)
+        armed[0] = True
+        pid = os.fork()
+        armed[0] = False
+        if pid == 0:
+            renewed = [id(engine.pool) != pools[0], id(other.pool) != pools[1]]
+            print(json.dumps({"switches": events, "renewed": renewed}), flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        """,
+        args=[pg_url],
+    )
+    assert out == {"switches": [], "renewed": [True, True]}
