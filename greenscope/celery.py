@@ -19,7 +19,8 @@ monkeypatching):
   :mod:`greenscope.fork` ran - registries empty, engines bound to them with pools of their own.
 - ``worker_init`` (the worker process, before its pool starts): when gevent or eventlet patched
   the process (``-P gevent`` / ``-P eventlet``), the database drivers are made cooperative
-  (``greenscope.patch_drivers()``), so a query never stops every other task.
+  (``greenscope.patch_drivers()`` where it exists, else psycogreen for psycopg2), so a query
+  never stops every other task.
 
 Example::
 
@@ -147,12 +148,22 @@ def _patch_drivers(runtime: str) -> Any:
             patch_drivers = None
     if patch_drivers is not None:
         return patch_drivers()
-    if runtime != "gevent":
-        _log.warning("greenscope: no driver patching for %s in this version", runtime)
-        return None
-    from .gunicorn import patch_psycopg2
+    if runtime == "gevent":
+        from .gunicorn import patch_psycopg2
 
-    return {"psycopg2": patch_psycopg2()}
+        return {"psycopg2": patch_psycopg2()}
+    try:  # eventlet.monkey_patch() patches psycopg2 itself; psycogreen if that was left out
+        import psycopg2.extensions
+    except ImportError:
+        return {"psycopg2": False}
+    if psycopg2.extensions.get_wait_callback() is None:
+        try:
+            from psycogreen.eventlet import patch_psycopg
+        except ImportError:
+            _log.warning("greenscope: psycopg2 will block the eventlet worker: no psycogreen")
+        else:
+            patch_psycopg()
+    return {"psycopg2": psycopg2.extensions.get_wait_callback() is not None}
 
 
 _RECEIVERS: Dict[Any, Callable[..., None]] = {

@@ -186,6 +186,7 @@ POOLS = [
     pytest.param("threads", 8, id="threads-c8"),
     pytest.param("solo", None, id="solo"),
     pytest.param("gevent", 50, id="gevent-c50"),
+    pytest.param("eventlet", 50, id="eventlet-c50"),
 ]
 
 
@@ -204,7 +205,8 @@ def test_200_tasks_without_remove_never_share_a_session_nor_leave_a_transaction_
     assert _crosstalk(results) == {"inherited": 0, "distinct_sessions": 200}
     assert idle == 0
     assert stats["registry_len"] == 0
-    assert stats["psycopg2_wait_callback"] is (pool == "gevent")  # cooperative under gevent
+    # cooperative under gevent and eventlet
+    assert stats["psycopg2_wait_callback"] is (pool in ("gevent", "eventlet"))
     if pool == "prefork":  # both children worked, never on the connection the parent opened
         assert len({r["worker_pid"] for r in results}) == 2
         assert all(r["backend"] != r["import_backend"] for r in results)
@@ -223,7 +225,7 @@ def test_stock_scoped_session_in_the_same_worker_shares_sessions_or_times_out(
     errors = _errors(results)
     seen = _crosstalk([r for r in results if "error" not in r])
     print(f"stock -P {pool}: {seen}, {len(errors)} errors, {idle} idle in transaction")
-    if pool == "gevent":  # every greenlet's session dropped unclosed: the pool runs dry
+    if pool in ("gevent", "eventlet"):  # each greenlet's session dropped unclosed: pool runs dry
         assert len(errors) > 0
     else:  # a thread's session goes to every later task on that thread, transaction and all
         assert seen["inherited"] > 0
