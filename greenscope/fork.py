@@ -288,8 +288,14 @@ def _after_fork_in_child() -> None:
         if engine not in engines:
             _track(engine, found_pid=_UNKNOWN_PID)
             engines.append(engine)
-    for engine in engines:
-        renew_pool(engine)
+    first_error: Optional[BaseException] = None
+    for engine in engines:  # one engine failing leaves the others renewed
+        try:
+            renew_pool(engine)
+        except Exception as error:
+            first_error = first_error or error
+    if first_error is not None:
+        raise first_error  # reported by CPython as an unraisable exception of the fork
 
 
 def _after_fork_in_parent() -> None:

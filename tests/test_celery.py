@@ -373,3 +373,34 @@ def test_install_twice_is_harmless_and_other_apps_are_left_alone(eager_app: Any)
     before = greenscope.current_scope()
     assert not_installed.apply().get() is True  # no scope of greenscope's around it
     assert len(Session.registry) == 0
+
+
+def test_receivers_connected_after_install_run_inside_prerun_and_after_postrun(
+    eager_app: Any,
+) -> None:
+    from celery import signals
+
+    import greenscope
+
+    seen: Dict[str, Any] = {}
+
+    @eager_app.task
+    def job() -> None:
+        seen["body"] = greenscope.current_scope()
+
+    def prerun(**_: Any) -> None:
+        seen["prerun"] = greenscope.current_scope()
+
+    def postrun(**_: Any) -> None:
+        seen["postrun"] = greenscope.current_scope()
+
+    signals.task_prerun.connect(prerun, weak=False)
+    signals.task_postrun.connect(postrun, weak=False)
+    try:
+        outside = greenscope.current_scope()
+        job.apply().get()
+    finally:
+        signals.task_prerun.disconnect(prerun)
+        signals.task_postrun.disconnect(postrun)
+    assert seen["prerun"] is seen["body"] is not outside  # inside the task's scope
+    assert seen["postrun"] is outside  # the task's scope already closed
