@@ -356,3 +356,78 @@ def test_fork_handling_never_switches_greenlets_under_gevent(pg_url: str) -> Non
         args=[pg_url],
     )
     assert out == {"switches": [], "renewed": [True, True]}
+
+
+_FDS = r"""
+import asyncio, json, os, sys
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+import greenscope
+
+sync_url, async_url = sys.argv[1], sys.argv[2]
+engine = greenscope.fork_safe(sa.create_engine(sync_url, pool_size=2))
+aengine = create_async_engine(async_url, pool_size=2)
+assert greenscope.fork_safe(aengine) is aengine
+idle = engine.connect()
+idle.execute(sa.text("select 1"))
+busy = engine.connect()  # checked out at the fork
+busy.execute(sa.text("select 1"))
+idle.close()
+
+
+async def use_async():
+    idle = await aengine.connect()
+    await idle.execute(sa.text("select 1"))
+    held = await aengine.connect()  # checked out at the fork
+    await held.execute(sa.text("select 1"))
+    await idle.close()  # back to the pool: idle there at the fork
+    return held
+
+
+def socket_fd(dbapi_connection):
+    return dbapi_connection.driver_connection._transport.get_extra_info("socket").fileno()
+
+
+loop = asyncio.new_event_loop()
+held = loop.run_until_complete(use_async())
+fds = {
+    "idle": engine.pool._pool.queue[0].dbapi_connection.fileno(),
+    "busy": busy.connection.dbapi_connection.fileno(),
+    "asyncpg_idle": socket_fd(aengine.sync_engine.pool._pool._queue._queue[0].dbapi_connection),
+    "asyncpg_busy": socket_fd(held.sync_connection.connection.dbapi_connection),
+}
+
+
+def targets():
+    out = {}
+    for name, fd in fds.items():
+        try:
+            out[name] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError as error:
+            out[name] = repr(error)
+    return out
+
+
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.write(write, json.dumps(targets()).encode())
+    os._exit(0)
+os.waitpid(pid, 0)
+print(json.dumps({"child": json.loads(os.read(read, 10000)), "parent": targets()}))
+"""
+
+
+def test_inherited_sockets_point_at_dev_null_in_the_child_only(pg_url: str) -> None:
+    from conftest import async_pg_url
+
+    out = run_python(_FDS, args=[pg_url, async_pg_url()])
+    assert set(out["child"].values()) == {"/dev/null"}, out  # psycopg2 and asyncpg, both states
+    assert all(target.startswith("socket:") for target in out["parent"].values()), out
+
+
+def test_fork_safe_rejects_what_is_not_an_engine() -> None:
+    import greenscope
+
+    with pytest.raises(TypeError, match="needs an Engine or AsyncEngine"):
+        greenscope.fork_safe("postgresql://")
