@@ -34,7 +34,11 @@ What happens in each worker, in gunicorn's order (``gunicorn/arbiter.py`` and
 1. :func:`pre_fork` (master): finds every SQLAlchemy ``Engine`` that exists at fork time with one
    ``gc.get_objects()`` scan (about 5 ms per 65,000 objects, once per worker spawned). An event
    listener cannot do this job: SQLAlchemy has no "engine created" event, and an engine that
-   never connected still owns a pool whose locks were created before patching.
+   never connected still owns a pool whose locks were created before patching. They are handed
+   to :func:`greenscope.fork_safe`: at the fork itself each gets a new pool in the worker and
+   the master's connections are orphaned there (never reset or closed, their sockets on
+   ``/dev/null`` in the worker); step 3 renews the pools once more, after patching, the same way
+   (:func:`greenscope.fork.renew_pool`).
 2. :func:`post_fork` (worker, before patching): makes sure every greenscope registry is empty, as
    ``os.register_at_fork`` in :mod:`greenscope.registry` already arranged: the parent's sessions
    and their connections are never touched in the child.
