@@ -22,17 +22,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # The library first (changes rarely), with the extras the example needs: gunicorn + gevent,
-# psycopg2 + psycogreen (psycopg2-binary ships its own libpq). gcc is there only while pip builds
-# greenscope's compiled hit path (greenscope/_speedups.c; the image has the Python headers), and
-# the import check fails the build if it did not compile instead of quietly running without it.
-COPY pyproject.toml setup.py README.md ./
+# psycopg2 + psycogreen (psycopg2-binary ships its own libpq). greenscope is pure Python: no
+# compiler is needed in the image.
+COPY pyproject.toml README.md ./
 COPY greenscope ./greenscope
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends gcc libc6-dev \
-    && pip install ".[gunicorn,postgres]" \
-    && python -c "import greenscope._speedups" \
-    && apt-get purge -y --auto-remove gcc libc6-dev \
-    && rm -rf /var/lib/apt/lists/*
+RUN pip install ".[gunicorn,postgres]"
 
 COPY examples ./examples
 

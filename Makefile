@@ -5,9 +5,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: venv demo test pytest lint docs bench clean
+.PHONY: venv demo test pytest lint docs bench clean pgbouncer
 
-$(STAMP): pyproject.toml setup.py greenscope/_speedups.c
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
@@ -38,6 +38,11 @@ docs: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+## Debian's pgbouncer, which tests/test_pgbouncer.py starts (a failure under CI when missing)
+pgbouncer:
+	@command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || \
+	{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y pgbouncer; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

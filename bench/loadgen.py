@@ -4,7 +4,7 @@
 
 Only ever targets 127.0.0.1. Each connection sends ``GET /?id=N`` back to back on one
 keep-alive socket and reads the response by its ``Content-Length``. Prints one JSON object:
-``requests``, ``errors``, ``seconds``, ``rps``, ``p50_ms``, ``p99_ms``.
+``requests``, ``errors``, ``seconds``, ``rps``, ``p50_ms``, ``p99_ms``, ``max_ms``.
 """
 
 from __future__ import annotations
@@ -92,6 +92,7 @@ def main() -> None:
                 "rps": len(latencies) / elapsed,
                 "p50_ms": pct(0.50),
                 "p99_ms": pct(0.99),
+                "max_ms": latencies[-1] * 1000 if latencies else 0.0,
             }
         )
     )

@@ -17,10 +17,8 @@ Candidates (all measured in the same interleaved run, see ``_harness``):
 - ``stock_getcurrent``: stock ``scoped_session(scopefunc=greenlet.getcurrent)``;
 - ``stock_id``: stock ``scoped_session(scopefunc=lambda: id(getcurrent()))`` (id-keyed);
 - ``stock_task``: stock ``async_scoped_session(scopefunc=asyncio.current_task)``;
-- ``greenscope``: ``greenscope.scoped_session`` / ``greenscope.asyncio.async_scoped_session``,
-  with the compiled hit path (``greenscope._speedups``) when it was built;
-- ``greenscope_pure``: the same with the pure-Python hit path (what runs without a C compiler or
-  with ``GREENSCOPE_PURE=1``), measured only when the compiled one is in use.
+- ``greenscope``: ``greenscope.scoped_session`` / ``greenscope.asyncio.async_scoped_session``
+  (pure Python).
 """
 
 from __future__ import annotations
@@ -48,7 +46,6 @@ from sqlalchemy.orm import scoped_session, sessionmaker  # noqa: E402
 
 import greenscope  # noqa: E402
 from bench._harness import compare  # noqa: E402
-from greenscope.registry import WeakScopeRegistry, speedups  # noqa: E402
 
 QUICK = "--quick" in sys.argv
 SMOKE = "--smoke" in sys.argv
@@ -62,32 +59,6 @@ else:
 Candidates = Dict[str, Callable[[], Any]]
 
 
-def pure(cls: type) -> Any:
-    """``cls`` with its compiled hit paths (``HotCall``/``HotProperty``) swapped back for the
-    pure-Python functions they wrap (``__wrapped__``); None without the compiled module."""
-    if speedups is None:
-        return None
-    namespace: Dict[str, Any] = {"__slots__": ()}
-    for name in ("__call__", "_proxied"):
-        attr = cls.__dict__.get(name)
-        if isinstance(attr, speedups.HotCall):
-            namespace[name] = attr.__wrapped__
-        elif isinstance(attr, speedups.HotProperty):
-            namespace[name] = property(attr.__wrapped__)
-    return type(f"Pure{cls.__name__}", (cls,), namespace)
-
-
-PureRegistry = pure(WeakScopeRegistry)
-
-
-def pure_session(scoped: Any) -> Any:
-    """A pure-Python twin of ``scoped``: same class and factory, a registry of its own."""
-    twin = pure(type(scoped))(scoped.session_factory)
-    twin.registry = PureRegistry(scoped.session_factory)
-    twin.registry._requires_task = scoped.registry._requires_task
-    return twin
-
-
 def sync_candidates(factory: sessionmaker[Any]) -> Dict[str, Any]:
     """The scoped_session flavours, each with its session already created in this context."""
     sessions: Dict[str, Any] = {
@@ -96,8 +67,6 @@ def sync_candidates(factory: sessionmaker[Any]) -> Dict[str, Any]:
         "stock_id": scoped_session(factory, scopefunc=lambda: id(getcurrent())),
         "greenscope": greenscope.scoped_session(factory),
     }
-    if speedups is not None:
-        sessions["greenscope_pure"] = pure_session(sessions["greenscope"])
     for session in sessions.values():
         session()
     return sessions
@@ -144,9 +113,7 @@ def run_sync(factory: sessionmaker[Any]) -> Dict[str, Any]:
         out[f"greenlet.{fig}"] = res
 
     with greenscope.scope():
-        for name in ("greenscope", "greenscope_pure"):  # a fresh session for the scope; the
-            if name in sessions:  # peers keep theirs
-                sessions[name]()
+        sessions["greenscope"]()  # a fresh session for the scope; the peers keep theirs
         for fig, res in measure(sessions, floor_for(getcurrent), "stock_getcurrent").items():
             out[f"scope.{fig}"] = res
     return out
@@ -162,8 +129,6 @@ async def run_task() -> Dict[str, Any]:
         "stock_task": async_scoped_session(factory, scopefunc=asyncio.current_task),
         "greenscope": gs_async_scoped_session(factory),
     }
-    if speedups is not None:
-        sessions["greenscope_pure"] = pure_session(sessions["greenscope"])
     for session in sessions.values():
         session()
     out = measure(sessions, floor_for(asyncio.current_task), "stock_task")

@@ -48,10 +48,7 @@ def make_engine() -> Engine:
         return create_engine(f"sqlite:///{path}", pool_size=5, max_overflow=0, pool_timeout=10)
     if url.startswith(("postgresql://", "postgres://")):
         url = "postgresql+psycopg2://" + url.split("://", 1)[1]
-    if "+psycopg2" in url:
-        from psycogreen.gevent import patch_psycopg
-
-        patch_psycopg()  # psycopg2 waits cooperatively: other greenlets run during queries
+    greenscope.patch_drivers()  # psycopg2 / psycopg 3 wait cooperatively during queries
     return create_engine(url, pool_size=5, max_overflow=0, pool_timeout=10)
 
 

@@ -5,7 +5,7 @@ task (or an explicit ``greenscope.scope()``). The registry adds one done-callbac
 store; when the task finishes its entry is dropped and its ``AsyncSession`` is closed as a task on
 the same loop - no more Tasks and sessions kept alive by a forgotten ``remove()`` (SQLAlchemy
 issue 8340). A loop shut down by ``asyncio.run()`` waits for those closes instead of cancelling
-them (see ``greenscope._closing``).
+them (see ``greenscope.runtimes.aio``).
 
 What the default scope means in asyncio code:
 
@@ -21,15 +21,14 @@ What the default scope means in asyncio code:
 
 from __future__ import annotations
 
-import asyncio as _asyncio
 from typing import Any, Callable, Optional, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.ext.asyncio import async_scoped_session as _stock_async_scoped_session
 from sqlalchemy.orm import Session
 
-from . import _closing
-from .registry import WeakScopeRegistry, compile_hit_path, speedups
+from .registry import WeakScopeRegistry
+from .runtimes import aio as _aio
 from .scoping import _current_task, _get_running_loop
 
 __all__ = ["async_scoped_session", "wait_closed"]
@@ -107,22 +106,22 @@ class async_scoped_session(_stock_async_scoped_session[_AS]):
     def _proxied(self) -> _AS:
         registry = self.registry
         try:
-            var = registry._hot_var
+            var = registry._var
         except AttributeError:  # a registry swapped in by hand
-            return registry()
+            return super()._proxied
         if var is not None:
             fast = var.get()
             if fast is not None:
                 loop = _get_running_loop()
                 if loop is not None and fast.owner is _current_task(loop):
                     return fast.value  # type: ignore[no-any-return]
-        return registry()
+        return super()._proxied
 
     def __call__(self, **kw: Any) -> _AS:
         """Return the current AsyncSession, creating it if needed (see the stock ``__call__``)."""
         if not kw:
             try:
-                var = self.registry._hot_var
+                var = self.registry._var
             except AttributeError:  # a registry swapped in by hand
                 var = None
             if var is not None:
@@ -137,7 +136,8 @@ class async_scoped_session(_stock_async_scoped_session[_AS]):
 async def wait_closed() -> None:
     """Wait until the sessions of finished tasks on this loop are closed.
 
-    Closes run as tasks on the loop, a few iterations after their task ended. Await this before
+    Closes run as tasks on the loop (a sync ``Session`` used in a task: in the loop's default
+    executor), a few iterations after their task ended. Await this before
     ``await engine.dispose()`` at shutdown (so every connection is back in the pool being
     disposed), or in a test before counting checked-out connections. ``asyncio.run()`` needs no
     help: it waits for pending closes before closing the loop.
@@ -158,15 +158,4 @@ async def wait_closed() -> None:
         >>> asyncio.run(main())
         0
     """
-    loop = _asyncio.get_running_loop()
-    while True:
-        await _asyncio.sleep(0)  # let done-callbacks of tasks that just finished run
-        watch = _closing._watches.get(loop)
-        if watch is None or not watch.tasks:
-            return
-        await _asyncio.wait(list(watch.tasks))
-
-
-if speedups is not None:  # the same two hit paths, compiled (greenscope/_speedups.c)
-    compile_hit_path(async_scoped_session, "__call__", _stock_async_scoped_session.__call__, 2)
-    compile_hit_path(async_scoped_session, "_proxied", _stock_async_scoped_session._proxied.fget, 2)  # type: ignore[attr-defined]
+    await _aio.wait_closed()

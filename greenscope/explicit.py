@@ -15,10 +15,11 @@ import contextvars
 import functools
 import inspect
 from types import TracebackType
-from typing import Any, Callable, List, Optional, Tuple, Type, TypeVar, cast
+from typing import Any, Callable, Generator, List, Optional, Tuple, Type, TypeVar, cast
 
-from . import _closing
+from . import _closing, runtimes
 from .registry import _all_registries
+from .runtimes import aio
 from .scoping import ScopeKey, _get_running_loop, current_owner, scope_var
 
 __all__ = ["scope"]
@@ -137,7 +138,22 @@ class scope:
     # -- the decorator ------------------------------------------------------------------
 
     def __call__(self, fn: _F) -> _F:
-        """Run every call of ``fn`` in a fresh scope (``async with`` for coroutine functions)."""
+        """Run every call of ``fn`` in a fresh scope that spans its whole work.
+
+        - a coroutine function: ``async with`` around the awaited body;
+        - a generator function: the scope spans the iteration, from the first ``next()`` to
+          exhaustion or ``close()``, and is current only while the generator's own code runs
+          (each step runs in a context of its own, so between steps the consumer is back in
+          its own scope);
+        - a plain function: ``with`` around the call; if it *returns* a coroutine or a
+          generator, the scope spans awaiting or iterating it, as above.
+
+        An async generator function raises ``TypeError`` here: an async generator's steps run in
+        its consumer's context, so no scope could stay its own across them. Open
+        ``async with greenscope.scope():`` around each unit of work inside it instead.
+        """
+        if inspect.isasyncgenfunction(fn):
+            raise TypeError(_ASYNC_GENERATOR)
         if inspect.iscoroutinefunction(fn):
 
             @functools.wraps(fn)
@@ -147,12 +163,72 @@ class scope:
 
             return cast(_F, run_async)
 
+        if inspect.isgeneratorfunction(fn):
+
+            @functools.wraps(fn)
+            def run_generator(*args: Any, **kwargs: Any) -> Any:
+                return _scoped_iteration(fn(*args, **kwargs))
+
+            return cast(_F, run_generator)
+
         @functools.wraps(fn)
         def run(*args: Any, **kwargs: Any) -> Any:
             with scope():
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
+            if inspect.iscoroutine(result):
+                return _scoped_awaiting(result)
+            if inspect.isgenerator(result):
+                return _scoped_iteration(result)
+            if inspect.isasyncgen(result):
+                result.aclose().close()  # never started: nothing to finalize
+                raise TypeError(_ASYNC_GENERATOR)
+            return result
 
         return cast(_F, run)
+
+
+_ASYNC_GENERATOR = (
+    "greenscope.scope() cannot decorate an async generator: its steps run in the consumer's "
+    "context, so no scope could stay its own across them; open `async with greenscope.scope():` "
+    "around each unit of work inside it"
+)
+
+
+async def _scoped_awaiting(coro: Any) -> Any:
+    async with scope():
+        return await coro
+
+
+def _scoped_iteration(gen: Generator[Any, Any, Any]) -> Generator[Any, Any, Any]:
+    """Iterate ``gen`` inside one fresh scope, each step in the scope's own context (as
+    :class:`greenscope.wsgi.ScopeMiddleware` steps a response body)."""
+    context = contextvars.copy_context()
+    opened = scope()
+    key = context.run(opened.__enter__)
+    error: Optional[BaseException] = None
+    try:
+        step: Callable[[Any], Any] = gen.send
+        arg: Any = None
+        while True:
+            owner = current_owner()
+            if key.owner is not owner:  # consumed by another greenlet or task than opened it
+                key.owner = owner
+            try:
+                item = context.run(step, arg)
+            except StopIteration as stop:
+                return stop.value
+            try:
+                arg, step = (yield item), gen.send
+            except GeneratorExit:
+                context.run(gen.close)
+                raise
+            except BaseException as thrown:  # thrown in by the consumer: into the generator
+                arg, step = thrown, gen.throw
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        context.run(opened.__exit__, type(error) if error is not None else None, error, None)
 
 
 def close_at_scope_end(values: List[Any]) -> Optional[BaseException]:
@@ -172,19 +248,18 @@ def close_at_scope_end(values: List[Any]) -> Optional[BaseException]:
             _close_elsewhere(values[index:])
             raise
         if awaitable is not None:
-            _closing.close_on_loop_awaitable(value, awaitable, _get_running_loop())
+            aio.finish_close(value, awaitable, _get_running_loop())
     return first_error
 
 
 def _close_elsewhere(values: List[Any]) -> None:
-    """The exiting greenlet is being killed (``gevent.Timeout``, ``kill()``): a closer greenlet
-    closes what it could not - the interrupted session again (the pool invalidates a connection
-    whose reset fails) and the ones not reached yet - instead of leaving them to the GC."""
+    """The exiting greenlet is being killed (``gevent.Timeout``, ``kill()``): this thread's home
+    (a closer greenlet of its hub, its loop, or a closer thread) closes what it could not - the
+    interrupted session again (the pool invalidates a connection whose reset fails) and the ones
+    not reached yet - instead of leaving them to the GC."""
+    home = runtimes.home_here()
     for value in values:
-        if _closing.gevent_hub_running():
-            _closing.close_in_greenlet(value)
-        else:
-            _closing.close_on_loop(value, _get_running_loop())
+        home.close_soon(value, None)
 
 
 async def _close_all(values: List[Any]) -> Optional[BaseException]:

@@ -11,16 +11,20 @@ its pending objects and its open transaction, and the registry keeps it forever.
 :func:`install` (for an existing ``db``) make ``db.session`` a :class:`greenscope.scoped_session`
 whose scope is :func:`app_context_scope`:
 
-1. the innermost explicit :func:`greenscope.scope` opened by this greenlet or task
+1. outside any app context: ``RuntimeError`` ("Working outside of application context."),
+   exactly as Flask-SQLAlchemy raises - also inside an explicit scope, since a Flask-SQLAlchemy
+   session finds its engine through ``current_app`` and could not run a query there anyway;
+2. the innermost explicit :func:`greenscope.scope` opened by this greenlet or task
    (``greenscope.wsgi.ScopeMiddleware`` around ``app.wsgi_app``, a job's
-   ``with greenscope.scope()``), so a job loop inside one app context gets a fresh session per job;
-2. else the current Flask **app context object itself** - held weakly and verified by identity,
+   ``with greenscope.scope()``), so a job loop inside one app context gets a fresh session per job.
+   That holds for the app context the scope is first used under; an app context pushed inside
+   that one gets its own session, as in Flask-SQLAlchemy;
+3. else the current Flask **app context object itself** - held weakly and verified by identity,
    never by ``id()`` - which keeps Flask-SQLAlchemy 3's documented semantics (one session per
    app context, nested ``app.app_context()`` blocks get their own) - but only for the greenlet or
    task that first used the session under that context: an asyncio child task, which runs in a
    copy of its parent's contextvars, or another greenlet pushing the same context object gets its
-   own session (DESIGN rule 4);
-3. else :func:`greenscope.current_scope` (the greenlet or task).
+   own session (DESIGN rule 4), keyed on :func:`greenscope.current_scope` (the greenlet or task).
 
 Flask's teardown still calls ``db.session.remove()`` (Flask-SQLAlchemy's own handler is kept), so
 each request's session is closed when its app context pops, exactly as before. If that is ever
@@ -52,7 +56,7 @@ from typing import Any, Callable, Dict
 
 import flask_sqlalchemy
 from flask.ctx import AppContext
-from flask.globals import _cv_app
+from flask.globals import _cv_app, app_ctx
 from flask_sqlalchemy.session import Session as FlaskSession
 from flask_sqlalchemy.session import _app_ctx_id
 
@@ -63,10 +67,17 @@ __all__ = ["SQLAlchemy", "app_context_scope", "install"]
 
 #: app context -> weak reference to the greenlet or task that first used a session under it
 _claims: weakref.WeakKeyDictionary[AppContext, weakref.ref[Any]] = weakref.WeakKeyDictionary()
+#: explicit scope -> weak reference to the app context its session belongs to
+_homes: weakref.WeakKeyDictionary[ScopeKey, weakref.ref[AppContext]] = weakref.WeakKeyDictionary()
 
 
 def app_context_scope() -> object:
     """The scope of ``db.session``: explicit scope, else this app context, else the greenlet/task.
+
+    Outside any app context it raises ``RuntimeError`` ("Working outside of application
+    context."), exactly as Flask-SQLAlchemy's ``id(app_ctx)`` scope does - also inside an explicit
+    :func:`greenscope.scope`: a Flask-SQLAlchemy session finds its engine through
+    ``current_app``, so a session handed out there could not run a query anyway.
 
     See the module docstring for the rules. Usable as the ``scopefunc`` of any greenscope
     registry in a Flask application::
@@ -81,13 +92,27 @@ def app_context_scope() -> object:
         >>> with app.app_context(), greenscope.scope() as key:
         ...     app_context_scope() is key
         True
+        >>> app_context_scope()
+        Traceback (most recent call last):
+          ...
+        RuntimeError: Working outside of application context.
+        ...
     """
-    key = current_scope()
-    if type(key) is ScopeKey:
-        return key
     ctx = _cv_app.get(None)
     if ctx is None:
-        return key
+        ctx = app_ctx._get_current_object()  # type: ignore[attr-defined]  # raises RuntimeError
+    key = current_scope()
+    if type(key) is ScopeKey:
+        # The scope's session belongs to the first app context it is used under (the request's
+        # under ScopeMiddleware, the job's outer context in a job loop); an app context pushed
+        # inside that one gets its own session, as in Flask-SQLAlchemy, so its teardown's
+        # remove() never closes the scope's session.
+        home = _homes.get(key)
+        if home is None:
+            _homes[key] = weakref.ref(ctx)
+            return key
+        if home() is ctx:
+            return key
     claim = _claims.get(ctx)
     if claim is None:
         _claims[ctx] = weakref.ref(key)

@@ -61,6 +61,7 @@ from sqlalchemy.pool.base import _ConnectionRecord
 
 from . import _closing
 from . import registry as _registry
+from . import runtimes as _runtimes
 
 __all__ = ["ensure_child_state", "fork_safe", "renew_pool"]
 
@@ -166,7 +167,7 @@ def ensure_child_state() -> bool:
     if _handled_pid == os.getpid():
         return False
     _registry._after_fork_in_child()
-    _closing._after_fork_in_child()
+    _runtimes._after_fork_in_child()
     _after_fork_in_child()
     return True
 

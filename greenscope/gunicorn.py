@@ -53,11 +53,21 @@ What happens in each worker, in gunicorn's order (``gunicorn/arbiter.py`` and
    pool's queue and locks are made now, with gevent's ``threading`` (the old one held a
    ``_thread.RLock``; its ``Condition.wait()`` happens to stay cooperative on gevent 26 because
    the waiter lock is allocated through the patched module, but nothing promises that).
-   Engines the app created in the worker (no ``--preload``) are left alone. Then, when psycopg2
-   is installed, psycogreen's ``patch_psycopg()`` gives it a wait callback so queries yield to
-   other greenlets (without it one ``select pg_sleep(1)`` stops the whole worker; psycopg 3
-   needs nothing); the hook checks that the callback is set.
-4. :func:`worker_exit` (worker): logs one line with the registries' live entries and how many
+   Engines the app created in the worker (no ``--preload``) are left alone. Then
+   :func:`greenscope.patch_drivers` makes the installed drivers cooperative: psycopg2 gets
+   psycogreen's wait callback, and psycopg 3, which picks a blocking C wait function when it is
+   imported before gevent patches (``--preload`` does exactly that), is switched to its
+   pure-Python wait on gevent's ``select``. Measured in one worker, 20 concurrent requests
+   each running ``select pg_sleep(0.5)``: 0.55 to 0.60 s for psycopg2 and psycopg 3 (C and pure
+   Python); without this hook psycopg 3 runs them one after the other (10.09 s in issue 14; 4
+   such requests took 2.06 s in ``tests/test_drivers.py``). The hook raises if a driver stays
+   blocking.
+4. Warnings from these hooks go through gunicorn's error log (``worker.log`` / ``server.log``),
+   so they carry its timestamp and pid like gunicorn's own lines. What the library logs later in
+   the worker (a session that failed to close after its greenlet ended) goes to the
+   ``greenscope`` logger, which :func:`post_fork` gives gunicorn's error-log handlers unless the
+   application configured logging itself (a root handler, or its own handler on ``greenscope``).
+5. :func:`worker_exit` (worker): logs one line with the registries' live entries and how many
    sessions greenscope closed because their scope ended without ``remove()``
    (:func:`greenscope.diagnostics.log_runtime_report`).
 """
@@ -71,9 +81,10 @@ import sys
 import weakref
 from typing import Any, List, Optional, Set, Tuple
 
-from . import _closing
 from . import fork as _fork
 from . import registry as _registry
+from . import runtimes as _runtimes
+from .drivers import patch_drivers
 
 __all__ = [
     "keepalive",
@@ -123,16 +134,17 @@ def post_fork(server: Any, worker: Any) -> None:
         >>> def post_fork(server, worker):
         ...     greenscope.gunicorn.post_fork(server, worker)
     """
-    left = sum(len(r) + len(r._pending) for r in list(_registry._all_registries))
+    _route_library_log(worker)
+    left = sum(len(r) for r in list(_registry._all_registries))
     if left:
-        _log.warning(
+        _logger(worker, server).warning(
             "greenscope: %d registry entries inherited from the master at fork; dropping them "
             "(the at-fork handler did not run?)",
             left,
         )
         _registry._after_fork_in_child()
-        _closing._after_fork_in_child()
-    live = [r for r in list(_registry._all_registries) if len(r) or r._pending]
+        _runtimes._after_fork_in_child()
+    live = [r for r in list(_registry._all_registries) if len(r)]
     if live:  # pragma: no cover - would be a bug in the core
         raise RuntimeError(f"greenscope: registries not empty after fork: {live!r}")
     if not _snapshot_inherited():
@@ -140,7 +152,7 @@ def post_fork(server: Any, worker: Any) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    """Worker, after gevent patched and the app loaded: rebuild inherited pools, patch psycopg2.
+    """Worker, after gevent patched and the app loaded: rebuild inherited pools, patch drivers.
 
     Example::
 
@@ -151,21 +163,24 @@ def post_worker_init(worker: Any) -> None:
     if _snapshot is None or _snapshot[0] not in (os.getpid(), os.getppid()):
         # Neither pre_fork nor post_fork ran in this process tree: the best guess is every
         # engine alive now (engines the app created in this worker are rebuilt too, harmlessly).
-        _log.warning(
+        _logger(worker).warning(
             "greenscope: pre_fork/post_fork hooks were not chained; disposing every engine"
         )
         _take_snapshot()
+        _route_library_log(worker)
     disposed = dispose_engines_inherited_at_fork()
     gevent_patched = _gevent_patched()
-    wait_callback = patch_psycopg2() if gevent_patched else False
-    _info(
-        worker,
+    drivers = patch_drivers(log=_logger(worker))
+    _logger(worker).info(
         "greenscope: worker %s ready: gevent patched=%s, %s pre-fork engine pool(s) rebuilt, "
-        "psycopg2 wait callback=%s",
+        "drivers: %s",
         os.getpid(),
         gevent_patched,
         disposed,
-        wait_callback,
+        ", ".join(
+            f"{s.driver} {s.action}{'' if s.cooperative or not s.installed else ' (BLOCKING)'}"
+            for s in drivers.values()
+        ),
     )
 
 
@@ -184,7 +199,7 @@ def worker_exit(server: Any, worker: Any) -> None:
     """
     from .diagnostics import log_runtime_report
 
-    log_runtime_report(getattr(worker, "log", None) or _log)
+    log_runtime_report(_logger(worker))
 
 
 # -- the pieces, usable on their own -------------------------------------------------------
@@ -216,44 +231,28 @@ def dispose_engines_inherited_at_fork() -> int:
     return len(pools)
 
 
-def patch_psycopg2() -> bool:
-    """Make psycopg2 cooperative with psycogreen (when both are installed); True when it is.
-
-    A wait callback already set (by you, or by an earlier call) is kept. Call it only in a
-    process that runs gevent: the callback waits through gevent's hub.
-
-    Example, for a gevent process that is not a gunicorn worker (a job runner)::
-
-        from gevent import monkey
-
-        monkey.patch_all()
-        import greenscope.gunicorn
-
-        greenscope.gunicorn.patch_psycopg2()
-    """
-    try:
-        import psycopg2.extensions
-    except ImportError:
-        return False
-    if psycopg2.extensions.get_wait_callback() is None:
-        try:
-            from psycogreen.gevent import patch_psycopg
-        except ImportError:
-            _log.warning(
-                "greenscope: psycopg2 is installed but psycogreen is not: every query will block "
-                "the whole gevent worker; pip install 'greenscope[gevent]'"
-            )
-            return False
-        patch_psycopg()
-    if psycopg2.extensions.get_wait_callback() is None:  # pragma: no cover
-        raise RuntimeError("greenscope: psycogreen's patch_psycopg() left no wait callback")
-    return True
+def _logger(*gunicorn_objects: Any) -> Any:
+    """gunicorn's error log (``worker.log``, ``server.log``: its format, its file, its level),
+    the first one of these objects has; the ``greenscope`` logger outside gunicorn."""
+    for obj in gunicorn_objects:
+        logger = getattr(obj, "log", None)
+        if logger is not None:
+            return logger
+    return _log
 
 
-def _info(worker: Any, message: str, *args: Any) -> None:
-    """Log through gunicorn's logger (configured by the user) when the worker has one."""
-    logger = getattr(worker, "log", None)
-    (logger if logger is not None else _log).info(message, *args)
+def _route_library_log(worker: Any) -> None:
+    """Give the ``greenscope`` logger gunicorn's error-log handlers in this worker, unless the
+    application configured logging itself (a root handler, or a handler of its own on
+    ``greenscope``): what the library logs while serving (a session that failed to close after
+    its greenlet ended) then reads like gunicorn's own lines instead of going nowhere."""
+    error_log = getattr(getattr(worker, "log", None), "error_log", None)
+    if not isinstance(error_log, logging.Logger) or logging.getLogger().handlers:
+        return
+    if any(not isinstance(handler, logging.NullHandler) for handler in _log.handlers):
+        return
+    for handler in error_log.handlers:
+        _log.addHandler(handler)
 
 
 def _gevent_patched() -> bool:

@@ -2,13 +2,16 @@
 
 The data structure, for one registry::
 
-    registry._entries : id(key) -> _Entry: a weakref(key) holding value and fast_ref
-    registry.registry : key -> value            (keys that cannot be weakly referenced)
+    registry._entries : id(key) -> _Entry: a weakref(key) holding value, home and fast_ref
+    registry.registry : key -> value            (value keys, found by equality, as in stock)
     registry._var     : ContextVar -> _Fast(owner, value)   (default scope only)
 
-``_entries`` is the truth: one entry per live scope, found by ``id(key)`` and then verified by
-identity through the weak reference (rule 1: an id alone is only a hint, ids are reused).
-Nothing in it holds a key strongly, so a key that dies takes its entry with it.
+``_entries`` holds the identity-hashed keys (greenlets, tasks, scope keys, any object without an
+``__eq__`` of its own): one entry per live scope, found by ``id(key)`` and then verified by
+identity through the weak reference (rule 1: an id alone is only a hint, ids are reused). Nothing
+in it holds a key strongly, so a key that dies takes its entry with it. A custom scopefunc's value
+keys (a UUID, a frozen dataclass, a tuple, an int) are found by equality in ``registry.registry``,
+held strongly, exactly as stock ``ScopedRegistry`` holds them: the drop-in promise comes first.
 
 ``_var`` is a per-context cache for the hot path. Every greenlet and task has its own
 contextvars context, so ``var.get()`` (a few nanoseconds) finds this context's ``_Fast``;
@@ -19,10 +22,10 @@ restore it on exit, so an outer scope's ``_Fast`` is never visible inside an inn
 
 End hooks, in both directions:
 
-- scope ends -> entry goes: a gevent ``Greenlet`` via ``rawlink`` (fires when it finishes, even
-  while still referenced); an asyncio Task via one done-callback added here on first store;
-  an explicit scope on exit; anything else via the weakref callback when the key is collected.
-  The entry is dropped synchronously; the value is closed elsewhere (see ``_closing``).
+- scope ends -> entry goes: :func:`greenscope.runtimes.attach` hooks the key's end (``rawlink``,
+  ``link()``, a done-callback, the scope's exit, the thread's end, else the weakref callback) to
+  the entry. The entry is dropped synchronously, there; its value is handed to the *home* it was
+  stored with (its hub, loop or thread), which closes it where its owner may block.
 - registry dies -> every ``_Fast`` it left in other contexts is emptied, so nothing it stored
   outlives it.
 - ``os.fork()`` -> the child's registries start empty and never close the parent's sessions.
@@ -34,16 +37,17 @@ import asyncio
 import contextvars
 import os
 import weakref
-from typing import Any, Callable, Dict, Generic, Iterator, List, Optional, TypeVar
+from typing import Any, Callable, Dict, Generic, Iterator, List, Optional, Tuple, TypeVar
 
 from greenlet import getcurrent
 from sqlalchemy.util import ScopedRegistry
 
-from . import _closing
+from . import _closing, runtimes
 from .scoping import (
     ScopeKey,
     _current_task,
     _get_running_loop,
+    current_owner,
     current_scope,
 )
 
@@ -68,52 +72,61 @@ class _Fast:
 class _Entry(weakref.ref):  # type: ignore[type-arg]
     """One live scope in one registry, stored at ``registry._entries[key_id]``.
 
-    The entry *is* the weak reference to its key (``entry()`` is the key while it lives, and
-    ``_collected`` its callback), so a scope costs one object here rather than an entry, a weak
-    reference and a callback bound to it. Made only by :func:`_new_entry`.
+    The entry *is* the weak reference to its key (``entry()`` is the key while it lives; its
+    callback is :meth:`ended` itself), so a scope costs one object here. Made only by
+    :func:`_new_entry`.
     """
 
-    __slots__ = ("fast_ref", "hook", "keep", "key_id", "origin", "registry_ref", "value")
+    __slots__ = ("fast_ref", "home", "keep", "key_id", "origin", "registry_ref", "unhook", "value")
 
     key_id: int
-    #: the registry, weakly: the end hooks and ``_collected`` find it through this
+    #: the registry, weakly: the end hooks find it through this
     registry_ref: Callable[[], Optional[WeakScopeRegistry[Any]]]
-    #: The registry, strongly, while an end hook is on the key: a greenlet, task or scope that
-    #: will call back keeps its registry alive until it ends, so a registry its user dropped
+    #: The registry, strongly, while an end hook is on the key: a greenlet, task, thread or scope
+    #: that will call back keeps its registry alive until it ends, so a registry its user dropped
     #: still closes what it holds. ``kill()`` lets go.
     keep: Optional[WeakScopeRegistry[Any]]
+    #: where the value is closed if its scope ends by itself (see greenscope.runtimes)
+    home: Optional[runtimes.Home]
     #: where the value was created, with ``GREENSCOPE_TRACE=1`` (for diagnostics)
     origin: Optional[str]
     value: Any
     #: Weak: a ``_Fast`` holds its owner strongly and must live only as long as the contexts
     #: that cache it, or ``_entries`` would keep every greenlet alive through it.
     fast_ref: Callable[[], Optional[_Fast]]
-    #: The end hook added to the key (done-callback, rawlink, scope end), so that clear() can
-    #: take it off again; kill() drops it, which breaks the entry -> hook -> entry cycle.
-    hook: Optional[Callable[..., object]]
+    #: takes the end hook off the key again (for clear(), given the key); kill() drops it,
+    #: which breaks the entry -> hook -> entry cycle
+    unhook: Optional[Callable[[Any], None]]
 
-    def task_ended(self, task: asyncio.Future[Any]) -> None:
-        """The end hook of an asyncio Task (a done-callback, on its loop)."""
+    def ended(self, *_args: Any) -> None:
+        """The scope ended by itself: a gevent ``rawlink`` or eventlet ``link()`` (the greenlet),
+        a task's done-callback (the task), the weakref callback (this entry). Runs in a hub,
+        loop or GC callback: drop the entry, hand the value to its home, nothing more."""
         registry = self.registry_ref()
-        if registry is not None:
-            registry._end(self, task.get_loop())
+        if registry is not None and registry._entries.get(self.key_id) is self:
+            del registry._entries[self.key_id]
+            home, origin = self.home, self.origin
+            value = self.kill()
+            registry.ended_without_remove += 1
+            if value is not None and home is not None:
+                home.close_soon(value, origin)
+
+    def taken(self) -> Any:
+        """The end hook of a thread: drop the entry, return ``(value, origin)`` for the ending
+        thread to close itself (None when nothing is left)."""
+        registry = self.registry_ref()
+        if registry is None or registry._entries.get(self.key_id) is not self:
+            return None
+        del registry._entries[self.key_id]
+        origin = self.origin
+        value = self.kill()
+        registry.ended_without_remove += 1
+        return None if value is None else (value, origin)
 
     def scope_ended(self) -> Any:
         """The end hook of an explicit scope: drop the entry, return the value to close."""
         registry = self.registry_ref()
         return None if registry is None else registry._drop(self)
-
-    def greenlet_ended(self, _glet: object) -> None:
-        """The end hook of a gevent Greenlet (``rawlink``): runs in the hub, once for every
-        greenlet that used a session and ended, so ``_end`` is inlined here."""
-        registry = self.registry_ref()
-        if registry is not None and registry._entries.get(self.key_id) is self:
-            del registry._entries[self.key_id]
-            origin = self.origin
-            value = self.kill()
-            if value is not None:
-                registry._note_unremoved(value, origin)
-                _closing.close_in_greenlet(value)
 
     def fast(self, owner: object) -> _Fast:
         """The ``_Fast`` for ``owner``, reused while some context still caches it."""
@@ -132,7 +145,7 @@ class _Entry(weakref.ref):  # type: ignore[type-arg]
     def kill(self) -> Any:
         """Empty the entry (and its cached ``_Fast``); return the value it held."""
         value, self.value = self.value, None
-        self.hook = self.keep = None
+        self.unhook = self.keep = self.home = None
         fast, self.fast_ref = self.fast_ref(), _nothing
         if fast is not None:
             fast.owner = _DEAD
@@ -154,6 +167,24 @@ def _origin() -> str:
     return "".join(traceback.format_list(frames[-4:]))
 
 
+#: type -> True when its instances are identity keys (weakly referenceable, identity-hashed)
+_identity_types: Dict[type, bool] = {}
+
+
+_OBJECT_EQ: Any = object.__eq__
+_OBJECT_HASH: Any = object.__hash__
+
+
+def _is_identity_key(key: Any) -> bool:
+    cls: Any = type(key)
+    identity = _identity_types.get(cls)
+    if identity is None:
+        identity = _identity_types[cls] = bool(
+            cls.__weakrefoffset__ and cls.__eq__ is _OBJECT_EQ and cls.__hash__ is _OBJECT_HASH
+        )
+    return identity
+
+
 #: Every live registry, for ``os.fork()`` and explicit scopes (which reset the fast caches).
 class _RegistrySet(weakref.WeakSet["WeakScopeRegistry[Any]"]):
     """A WeakSet whose iteration is a snapshot list: explicit scopes and WSGI requests walk it on
@@ -173,11 +204,12 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
     """A :class:`sqlalchemy.util.ScopedRegistry` whose entries end with their scope.
 
     Same protocol as the stock class - ``__call__``, ``has``, ``set``, ``clear`` - plus
-    ``len()``, the number of live entries. Keys are held weakly and verified by identity; when a
-    greenlet, task or explicit scope ends, its entry disappears and its value's ``close()`` is
-    called promptly (never inside a hub callback, weakref callback or the GC). Keys that cannot be
-    weakly referenced (ints, strings) are kept strongly in ``self.registry``, exactly like
-    ``ScopedRegistry``, so any ``scopefunc`` works.
+    ``len()``, the number of live entries. Identity keys (greenlets, tasks, explicit scopes, any
+    object without an ``__eq__`` of its own) are held weakly and verified by identity; when such
+    a scope ends, its entry disappears and its value's ``close()`` is called promptly, in the
+    place its runtime allows (never inside a hub callback, weakref callback or the GC). Value keys
+    from a custom ``scopefunc`` (ints, strings, UUIDs, tuples, frozen dataclasses) are found by
+    equality and kept strongly in ``self.registry``, exactly like ``ScopedRegistry``.
 
     :param createfunc: creates the value for a scope that has none (a ``sessionmaker``).
     :param scopefunc: returns the current scope key; default :func:`greenscope.current_scope`.
@@ -197,8 +229,6 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
     __slots__ = (
         "__weakref__",
         "_entries",
-        "_hot_var",
-        "_pending",
         "_requires_task",
         "_self_ref",
         "_var",
@@ -206,12 +236,8 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
     )
 
     _entries: Dict[int, _Entry]
-    _pending: List[Any]
     _var: Any
-    #: what the hot path reads: ``_var``, or None while values are parked in ``_pending`` (so a
-    #: hit never pays for a ``_pending`` check; ``_lookup`` closes them and re-arms it)
-    _hot_var: Any
-    #: values greenscope closed because their greenlet or task ended, or their key was
+    #: values greenscope closed because their greenlet, task or thread ended, or their key was
     #: collected, while still registered (``remove()`` was never called); explicit scope exits
     #: are by design and not counted
     ended_without_remove: int
@@ -223,14 +249,12 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
     ) -> None:
         super().__init__(createfunc, scopefunc or current_scope)
         self._entries = {}
-        self._pending = []
         self._requires_task = False
         self.ended_without_remove = 0
         if self.scopefunc is current_scope:
             self._var = contextvars.ContextVar(f"greenscope.registry.{id(self):#x}", default=None)
         else:
             self._var = None
-        self._hot_var = self._var
         self._self_ref = weakref.ref(self)  # shared by every entry
         _all_registries.add(self)
         weakref.finalize(self, _abandon, self._entries)
@@ -240,10 +264,10 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
     def __call__(self) -> _T:
         # The hot path (DESIGN rule 6; bench/micro.py measures it): this context's ``_Fast``,
         # trusted only when its owner is the caller - the current greenlet while no loop runs,
-        # else the running task. ``_hot_var`` is None for a custom scopefunc and while values
-        # are parked. Every other case takes ``_lookup``. (Keep it flat: each extra attribute
-        # load or test here costs a few percent of the whole call.)
-        var = self._hot_var
+        # else the running task. ``_var`` is None for a custom scopefunc. Every other case takes
+        # ``_lookup``. (Keep it flat: each extra attribute load or test here costs a few percent
+        # of the whole call. tests/test_hot_path.py runs every copy of it against every case.)
+        var = self._var
         if var is not None:
             fast = var.get()
             if fast is not None:
@@ -258,25 +282,19 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
 
     def _lookup(self) -> _T:
         """The slow path: resolve the scope, find or create its entry, cache it for the hot path."""
-        if self._pending or self._hot_var is not self._var:
-            self._close_pending()
         key = self.scopefunc()
         entry = self._entries.get(id(key))
         if entry is not None and entry() is key:
             self._cache(key, entry)
             return entry.value  # type: ignore[no-any-return]
-        strong = self.registry
-        if strong:  # keys that cannot be weakly referenced: rare, so no KeyError raised otherwise
+        if not self._check_key(key):  # a value key: stock semantics
+            strong = self.registry
             try:
                 return strong[key]  # type: ignore[no-any-return]
             except KeyError:
-                pass
-            except TypeError:
-                self._check_key(key)
-        if self._check_key(key):
-            return strong.setdefault(key, self.createfunc())  # type: ignore[no-any-return]
+                return strong.setdefault(key, self.createfunc())  # type: ignore[no-any-return]
         value = self.createfunc()
-        self._store(key, value)
+        self._store(key, value, made_here=True)
         return value
 
     def has(self) -> bool:
@@ -284,7 +302,7 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
         key = self.scopefunc()
         if self._find(key) is not None:
             return True
-        return self._check_key(key) and key in self.registry
+        return not self._check_key(key) and key in self.registry
 
     def set(self, obj: _T) -> None:
         """Set the value for the current scope (the previous one is replaced, not closed)."""
@@ -292,20 +310,21 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
         entry = self._find(key)
         if entry is not None:
             entry.set_value(obj)
-        elif self._check_key(key):
+        elif not self._check_key(key):
             self.registry[key] = obj
         else:
-            self._store(key, obj)
+            self._store(key, obj, made_here=False)
 
     def clear(self) -> None:
         """Clear the current scope, if any (the value is not closed, as in SQLAlchemy)."""
         key = self.scopefunc()
         entry = self._find(key)
         if entry is not None:
-            hook = entry.hook
+            unhook = entry.unhook
             self._drop(entry)
-            _unhook(key, hook)
-        elif self._check_key(key):
+            if unhook is not None:  # a long-lived task or greenlet that calls remove() once per
+                unhook(key)  # job must not collect one end hook per job
+        elif not self._check_key(key):
             self.registry.pop(key, None)
 
     def __len__(self) -> int:
@@ -321,7 +340,16 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
         return None
 
     def _check_key(self, key: Any) -> bool:
-        """Validate ``key``; True when it cannot be weakly referenced (kept like ScopedRegistry)."""
+        """Validate ``key``; True for an identity key (held weakly), False for a value key."""
+        if self._requires_task and not isinstance(key, (asyncio.Future, ScopeKey)):
+            raise RuntimeError(
+                "greenscope.asyncio.async_scoped_session was used outside a running asyncio task "
+                "and outside any greenscope.scope(): there is no scope to put an AsyncSession in. "
+                "Call it from a coroutine running on an event loop, or open "
+                "`async with greenscope.scope():` first."
+            )
+        if _is_identity_key(key):
+            return True
         try:
             hash(key)
         except TypeError:
@@ -330,19 +358,6 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
                 f"{key!r} ({type(key).__name__}); a scope key must be hashable, like a greenlet, "
                 "a task, an int or a string"
             ) from None
-        if self._requires_task and not isinstance(key, (asyncio.Future, ScopeKey)):
-            raise RuntimeError(
-                "greenscope.asyncio.async_scoped_session was used outside a running asyncio task "
-                "and outside any greenscope.scope(): there is no scope to put an AsyncSession in. "
-                "Call it from a coroutine running on an event loop, or open "
-                "`async with greenscope.scope():` first."
-            )
-        if type(key).__weakrefoffset__:  # the type supports weak references: the common case
-            return False
-        try:
-            weakref.ref(key)
-        except TypeError:
-            return True
         return False
 
     def _cache(self, key: Any, entry: _Entry) -> None:
@@ -357,23 +372,30 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
 
     # -- storing and ending -------------------------------------------------------------
 
-    def _store(self, key: Any, value: Any) -> None:
+    def _store(self, key: Any, value: Any, made_here: bool) -> None:
+        """Store ``value`` for the identity key ``key``, hooked to the key's end. If hooking
+        fails, nothing is stored, and a value made for this call is closed."""
         key_id = id(key)
+        entry = _new_entry(key, self._self_ref, key_id, value)
+        try:
+            entry.unhook, entry.home, keep = runtimes.attach(key, entry)
+        except runtimes.ScopeEnded:  # a handed-off scope ended meanwhile: the thread's own scope
+            entry.value = None
+            self._store(current_owner(), value, made_here)
+            return
+        except BaseException:
+            entry.value = None
+            if made_here:
+                awaitable = _closing.close_now(value)
+                if awaitable is not None:
+                    _closing.discard(awaitable, value)
+            raise
+        if keep:
+            entry.keep = self
         old = self._entries.get(key_id)
         if old is not None:  # its key is dead (same id, not the same object); callback pending
-            self._park(self._drop(old))
-        entry = _new_entry(key, self._self_ref, key_id, value)
+            old.ended()
         self._entries[key_id] = entry
-        rawlink = getattr(key, "rawlink", None)
-        if rawlink is not None:  # a gevent Greenlet (the churn case: checked first)
-            entry.hook, entry.keep = entry.greenlet_ended, self
-            rawlink(entry.hook)
-        elif isinstance(key, asyncio.Future):
-            entry.hook, entry.keep = entry.task_ended, self
-            key.add_done_callback(entry.hook)
-        elif isinstance(key, ScopeKey):
-            entry.hook, entry.keep = entry.scope_ended, self
-            key._ends.append(entry.hook)
         var = self._var
         if var is not None:  # as ``_cache``, inlined: a new entry has no ``_Fast`` yet
             fast = _Fast(key.owner if type(key) is ScopeKey else key, value)
@@ -387,59 +409,6 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
         del self._entries[entry.key_id]
         return entry.kill()
 
-    def _end(self, entry: _Entry, loop: Optional[asyncio.AbstractEventLoop]) -> None:
-        """A greenlet or task finished: drop the entry now, close the value elsewhere."""
-        origin = entry.origin
-        value = self._drop(entry)
-        if value is None:
-            return
-        self._note_unremoved(value, origin)
-        if loop is not None:
-            _closing.close_on_loop(value, loop)
-        elif _closing.gevent_hub_running():
-            _closing.close_in_greenlet(value)
-        else:
-            self._park(value)
-
-    def _park(self, value: Any) -> None:
-        if value is not None:
-            self._pending.append(value)
-            self._hot_var = None  # the next call takes ``_lookup``, which closes it
-
-    def _note_unremoved(self, value: Any, origin: Optional[str]) -> None:
-        self.ended_without_remove += 1
-        if origin is not None:
-            _closing.log.warning(
-                "greenscope: closing %r, whose scope ended without remove(); created at:\n%s",
-                value,
-                origin,
-            )
-
-    def _close_pending(self) -> None:
-        self._hot_var = self._var  # first: a value parked while closing disarms it again
-        pending = self._pending
-        while pending:
-            value = pending.pop()
-            awaitable = _closing.close_now(value)
-            if awaitable is not None:  # close() already started: finish it, never call it twice
-                _closing.close_on_loop_awaitable(value, awaitable, _get_running_loop())
-
-
-def _unhook(key: Any, hook: Optional[Callable[..., object]]) -> None:
-    """Take a cleared entry's end hook off its key: a long-lived task or greenlet that calls
-    ``remove()`` once per job must not collect one callback per job."""
-    if hook is None:
-        return
-    if isinstance(key, ScopeKey):
-        if hook in key._ends:
-            key._ends.remove(hook)
-    elif isinstance(key, asyncio.Future):
-        key.remove_done_callback(hook)
-    else:
-        unlink = getattr(key, "unlink", None)  # a gevent Greenlet
-        if unlink is not None:
-            unlink(hook)
-
 
 def _new_entry(
     key: Any,
@@ -448,27 +417,17 @@ def _new_entry(
     value: Any,
 ) -> _Entry:
     # ``weakref.ref``'s own constructor (no Python ``__init__`` on the hot store path). The
-    # callback gets the entry itself; it must hold nothing else, or the entry would be cyclic.
-    entry = _Entry(key, _collected)
+    # callback gets the entry itself, and is the entry's own ``ended``.
+    entry = _Entry(key, _Entry.ended)
     entry.key_id = key_id
     entry.registry_ref = registry_ref
     entry.keep = None
+    entry.home = None
     entry.origin = _origin() if _TRACE else None
     entry.value = value
     entry.fast_ref = _nothing
-    entry.hook = None
+    entry.unhook = None
     return entry
-
-
-def _collected(entry: _Entry) -> None:
-    """An entry's key was garbage collected. Runs inside the GC: no I/O, only park the value."""
-    registry = entry.registry_ref()
-    if registry is not None and registry._entries.get(entry.key_id) is entry:  # else dropped
-        origin = entry.origin
-        value = registry._drop(entry)
-        if value is not None:
-            registry._note_unremoved(value, origin)
-            registry._park(value)
 
 
 def _abandon(entries: Dict[int, _Entry]) -> None:
@@ -478,6 +437,21 @@ def _abandon(entries: Dict[int, _Entry]) -> None:
     entries.clear()
 
 
+def _take_entries_homed_at(home: Any) -> List[Tuple[Any, Optional[str]]]:
+    """Drop every live entry whose home is ``home``; return their ``(value, origin)`` pairs."""
+    owed: List[Tuple[Any, Optional[str]]] = []
+    for registry in list(_all_registries):
+        for entry in list(registry._entries.values()):
+            if entry.home is home:
+                taken = entry.taken()
+                if taken is not None:
+                    owed.append(taken)
+    return owed
+
+
+runtimes.green.take_entries = _take_entries_homed_at
+
+
 def _after_fork_in_child() -> None:
     for registry in list(_all_registries):
         for entry in list(registry._entries.values()):
@@ -485,44 +459,7 @@ def _after_fork_in_child() -> None:
         registry._entries.clear()
         _closing.fork_orphans.extend(registry.registry.values())
         registry.registry.clear()
-        _closing.fork_orphans.extend(registry._pending)
-        registry._pending.clear()
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _load_speedups() -> Any:
-    """The compiled hit path (greenscope/_speedups.c), unless it was not built or
-    ``GREENSCOPE_PURE=1``. It takes the same decision as ``WeakScopeRegistry.__call__`` above,
-    without a Python frame (docs/performance.md has the figures of both)."""
-    if os.environ.get("GREENSCOPE_PURE", "") not in ("", "0"):
-        return None
-    try:
-        from . import _speedups
-    except ImportError:
-        return None
-    _speedups.setup(WeakScopeRegistry, getcurrent, _get_running_loop, _current_task)
-    return _speedups
-
-
-#: the compiled module, or None when the pure-Python hit paths run
-speedups = _load_speedups()
-
-
-def compile_hit_path(cls: type, name: str, slow_path: Callable[..., Any], kind: int) -> None:
-    """Swap ``cls.<name>``, a pure-Python hit path (a method or a property), for its compiled
-    twin: the same decision in C, and on a miss straight to ``slow_path`` (the pure check would
-    only miss again). The pure function stays reachable as ``__wrapped__`` (bench/micro.py)."""
-    assert speedups is not None
-    pure = cls.__dict__[name]
-    if isinstance(pure, property):
-        setattr(cls, name, speedups.HotProperty(slow_path, kind, pure.fget))
-    else:
-        setattr(cls, name, speedups.HotCall(slow_path, kind, pure))
-
-
-if speedups is not None:
-    _Fast = speedups.Fast  # type: ignore[misc]
-    compile_hit_path(WeakScopeRegistry, "__call__", WeakScopeRegistry._lookup, 0)

@@ -12,7 +12,7 @@ from greenlet import getcurrent
 from sqlalchemy.orm import Session
 from sqlalchemy.orm import scoped_session as _stock_scoped_session
 
-from .registry import WeakScopeRegistry, compile_hit_path, speedups
+from .registry import WeakScopeRegistry
 from .scoping import _get_running_loop
 
 __all__ = ["scoped_session"]
@@ -81,9 +81,9 @@ class scoped_session(_stock_scoped_session[_S]):
     def _proxied(self) -> _S:
         registry = self.registry
         try:
-            var = registry._hot_var
+            var = registry._var
         except AttributeError:  # a registry swapped in by hand
-            return registry()
+            return super()._proxied
         if var is not None:
             fast = var.get()
             if fast is not None and fast.owner is getcurrent() and _get_running_loop() is None:
@@ -94,7 +94,7 @@ class scoped_session(_stock_scoped_session[_S]):
         """Return the current Session, creating it if needed (see the stock ``__call__``)."""
         if not kw:
             try:
-                var = self.registry._hot_var
+                var = self.registry._var
             except AttributeError:  # a registry swapped in by hand
                 var = None
             if var is not None:
@@ -104,8 +104,3 @@ class scoped_session(_stock_scoped_session[_S]):
                     if not session._is_asyncio:  # else the stock path warns, as it would
                         return session  # type: ignore[no-any-return]
         return super().__call__(**kw)
-
-
-if speedups is not None:  # the same two hit paths, compiled (greenscope/_speedups.c)
-    compile_hit_path(scoped_session, "__call__", _stock_scoped_session.__call__, 1)
-    compile_hit_path(scoped_session, "_proxied", _stock_scoped_session._proxied.fget, 1)  # type: ignore[attr-defined]

@@ -660,9 +660,9 @@ class HangingCloseAsyncSession(AsyncSession):
 def test_a_close_that_hangs_at_shutdown_is_abandoned_after_the_deadline_and_logged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from greenscope import _closing
+    from greenscope.runtimes import aio
 
-    monkeypatch.setattr(_closing, "CLOSE_TIMEOUT", 0.2)
+    monkeypatch.setattr(aio, "CLOSE_TIMEOUT", 0.2)
     engine = create_async_engine(sqlite_url(tmp_path))
     Session = async_scoped_session(async_sessionmaker(engine, class_=HangingCloseAsyncSession))
 

@@ -200,7 +200,7 @@ def test_site_builds_without_warnings(tmp_path: Path) -> None:
 def _raised_messages() -> List[str]:
     """The literal parts of every message greenscope raises (``raise X("..." or f"...")``)."""
     messages: List[str] = []
-    for module in sorted((ROOT / "greenscope").glob("*.py")):
+    for module in sorted((ROOT / "greenscope").rglob("*.py")):  # subpackages too
         tree = ast.parse(module.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if not (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)):

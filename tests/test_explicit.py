@@ -571,3 +571,78 @@ def test_worker_greenlet_running_100_jobs_gets_a_fresh_session_per_job_closed_at
         "wait_callback": True,
         "checked_out_end": 0,
     }
+
+
+# -- the decorator on generators and coroutine-returning functions (issue 11, item 7) -------
+
+
+def test_decorated_generator_function_runs_its_whole_iteration_in_one_fresh_scope(
+    engine: Engine,
+) -> None:
+    """0.1 closed the scope before the body ran: the body silently used the caller's session."""
+    Session = greenscope.scoped_session(sessionmaker(engine))
+    outer = Session()
+
+    @greenscope.scope()
+    def rows() -> Iterator[Any]:
+        key = greenscope.current_scope()
+        for _ in range(3):
+            yield type(key) is ScopeKey, Session(), key
+
+    seen = []
+    for in_scope, session, key in rows():
+        seen.append((in_scope, session, key))
+        # between steps the caller is back in its own scope
+        assert Session() is outer
+        assert greenscope.current_scope() is not key
+    assert all(in_scope for in_scope, _, _ in seen)
+    assert len({id(s) for _, s, _ in seen}) == 1 and seen[0][1] is not outer
+    assert len({id(k) for _, _, k in seen}) == 1
+    assert len(Session.registry) == 1  # only the caller's: the generator's scope was closed
+    Session.remove()
+
+
+def test_decorated_generator_closed_early_still_closes_its_scope(engine: Engine) -> None:
+    Session = greenscope.scoped_session(sessionmaker(engine))
+
+    @greenscope.scope()
+    def rows() -> Iterator[Session]:
+        while True:
+            yield use(Session())
+
+    iterator = rows()
+    next(iterator)
+    assert checked_out(engine) == 1
+    iterator.close()  # type: ignore[attr-defined]
+    assert checked_out(engine) == 0
+    assert len(Session.registry) == 0
+
+
+def test_decorated_plain_function_returning_a_coroutine_scopes_the_awaited_coroutine(
+    aengine: AsyncEngine,
+) -> None:
+    AsyncSession = async_scoped_session(async_sessionmaker(aengine))
+
+    async def body() -> Any:
+        session = AsyncSession()
+        await session.execute(text("select 1"))
+        return greenscope.current_scope(), session
+
+    @greenscope.scope()
+    def job() -> Any:  # not a coroutine function: returns one
+        return body()
+
+    async def main() -> Any:
+        outside = AsyncSession()
+        key, session = await job()
+        return type(key) is ScopeKey, session is outside, len(AsyncSession.registry)
+
+    assert asyncio.run(main()) == (True, False, 1)  # only the task's own is left
+
+
+def test_decorating_an_async_generator_function_is_a_clear_type_error() -> None:
+    async def rows() -> Any:
+        yield 1
+
+    with pytest.raises(TypeError, match="async generator"):
+        greenscope.scope()(rows)

@@ -14,7 +14,7 @@ import pytest
 from conftest import run_python
 
 _FORK = """
-import gc, json, os, sys
+import gc, json, os, sys, time
 import greenlet
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import sessionmaker
@@ -93,8 +93,11 @@ except Exception as error:
     parent["held_error"] = repr(error)
 parent["held_backend_ok"] = held.dead
 del held
-gc.collect()  # the dead raw greenlet's session is parked ...
-Scoped.remove()  # ... and closed by this use of the registry
+gc.collect()  # the dead raw greenlet's session goes to this thread's closer thread
+Scoped.remove()
+deadline = time.monotonic() + 5
+while engine.pool.checkedout() and time.monotonic() < deadline:
+    time.sleep(0.01)
 parent["checkedout_after_remove"] = engine.pool.checkedout()
 engine.dispose()
 print(json.dumps({"before": before, "parent_backend": parent_backend,

@@ -185,15 +185,16 @@ def test_id_keyed_stock_scopefunc_hands_dead_greenlets_sessions_to_new_ones(
 # -- closed when the scope ends -----------------------------------------------------------
 
 
-def test_sessions_of_raw_greenlets_that_die_closed_by_next_registry_use(
+def test_sessions_of_raw_greenlets_that_die_closed_by_their_threads_hub_without_registry_use(
     Scoped: Any, engine: Engine
 ) -> None:
+    gevent.get_hub()  # this thread has a hub: the raw greenlets' home
+
     def work() -> CountingSession:
         Scoped.execute(text("select 1"))  # holds a pooled connection, no remove()
         return Scoped()  # type: ignore[no-any-return]
 
-    # The GC is paused so that it cannot collect a dead greenlet (and park its session, which
-    # the next greenlet's registry use would close) before the assertions below.
+    # The GC is paused so that it cannot collect a dead greenlet before the assertions below.
     gc.disable()
     try:
         sessions = [greenlet.greenlet(work).switch() for _ in range(5)]
@@ -204,7 +205,7 @@ def test_sessions_of_raw_greenlets_that_die_closed_by_next_registry_use(
     collect()
     assert len(Scoped.registry) == 0
     assert [s.close_calls for s in sessions] == [0] * 5  # never closed inside the GC
-    Scoped()  # next use of the registry
+    gevent.sleep(0)  # the hub runs its closer greenlet: no registry use is needed
     assert [s.close_calls for s in sessions] == [1] * 5
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     Scoped.remove()
@@ -250,11 +251,8 @@ def test_plain_thread_session_gone_after_thread_ends_and_closed_on_next_use(
             break
         time.sleep(0.001)
     assert len(Scoped.registry) == 0
-    assert seen[0].close_calls == 0
-    Scoped()
-    assert seen[0].close_calls == 1
+    assert seen[0].close_calls == 1  # closed by the ending thread itself, before join() returned
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
-    Scoped.remove()
 
 
 def test_remove_closes_and_forgets_the_current_session(Scoped: Any) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from _wsgi import app
+from _wsgi import scoped_app as app
 from psycogreen.gevent import patch_psycopg
 from sqlalchemy import create_engine
 from sqlalchemy.orm import sessionmaker

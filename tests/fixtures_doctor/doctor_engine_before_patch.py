@@ -12,7 +12,7 @@ from gevent import monkey  # noqa: E402
 
 monkey.patch_all()
 
-from _wsgi import app  # noqa: E402
+from _wsgi import scoped_app as app  # noqa: E402
 from sqlalchemy.orm import sessionmaker  # noqa: E402
 
 Session = greenscope.scoped_session(sessionmaker(engine))

@@ -1,4 +1,4 @@
-"""``greenscope._closing``: how the sessions of ended greenlets and tasks get closed.
+"""``greenscope.runtimes``: how the sessions of ended greenlets and tasks get closed.
 
 On a loop, closes that need no I/O are batched in one closer task; a close that does I/O (a
 session in a transaction, or any close that suspends) runs in a closer of its own, so closes
@@ -22,8 +22,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_asyn
 from sqlalchemy.orm import Session, sessionmaker
 
 import greenscope
-from greenscope import _closing
 from greenscope.asyncio import async_scoped_session, wait_closed
+from greenscope.runtimes import aio
 
 
 class FakeAsyncSession:
@@ -111,7 +111,7 @@ def test_closes_that_do_io_run_concurrently_each_in_a_closer_of_its_own(
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         for value in values:
-            _closing.close_on_loop(value, loop)
+            aio.close_on_loop(value, loop)
         await wait_closed()
         return time.perf_counter() - start
 
@@ -125,7 +125,7 @@ def test_closes_that_do_io_run_concurrently_each_in_a_closer_of_its_own(
 def test_a_hung_close_is_abandoned_at_its_deadline_and_delays_no_other_close(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(_closing, "CLOSE_TIMEOUT", 0.5)
+    monkeypatch.setattr(aio, "CLOSE_TIMEOUT", 0.5)
     closed: Dict[str, float] = {}
     hung = FakeAsyncSession("hung", closed, hang=True)  # first in the queue closer's burst
     quick = [FakeAsyncSession(f"quick{i}", closed) for i in range(5)]
@@ -136,10 +136,10 @@ def test_a_hung_close_is_abandoned_at_its_deadline_and_delays_no_other_close(
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         for value in [hung, *quick, *slow]:
-            _closing.close_on_loop(value, loop)
+            aio.close_on_loop(value, loop)
         await asyncio.sleep(0.1)
         late.append(FakeAsyncSession("late", closed))  # queued while the hung one hangs
-        _closing.close_on_loop(late[0], loop)
+        aio.close_on_loop(late[0], loop)
         await asyncio.sleep(0.05)
         others_done = max(closed.values()) - start
         await wait_closed()
@@ -168,7 +168,7 @@ def test_close_errors_in_a_burst_are_logged_and_every_other_close_still_runs(
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for value in [fine[0], failing[0], fine[1], fine[2], failing[1], *fine[3:]]:
-            _closing.close_on_loop(value, loop)
+            aio.close_on_loop(value, loop)
         await wait_closed()
 
     with caplog.at_level(logging.ERROR, logger="greenscope"):
@@ -193,7 +193,7 @@ def test_asyncio_run_waits_for_queued_and_suspended_closes_instead_of_cancelling
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for value in values:
-            _closing.close_on_loop(value, loop)
+            aio.close_on_loop(value, loop)
         # returns at once: asyncio.run cancels what is pending, then waits for the closers
 
     with warnings.catch_warnings(record=True) as caught:
@@ -202,7 +202,7 @@ def test_asyncio_run_waits_for_queued_and_suspended_closes_instead_of_cancelling
         gc.collect()
     assert sorted(closed) == sorted(v.name for v in values)
     assert [str(w.message) for w in caught] == []
-    assert _closing._watches == {}
+    assert aio._homes == {}
 
 
 def test_greenlet_closes_that_block_do_not_wait_behind_one_another() -> None:
@@ -238,7 +238,7 @@ def test_a_session_in_a_transaction_gets_a_closer_of_its_own_at_once() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for value in [plain[0], busy[0], plain[1], busy[1]]:
-            _closing.close_on_loop(value, loop)
+            aio.close_on_loop(value, loop)
         await wait_closed()
 
     asyncio.run(main())
