@@ -19,8 +19,7 @@ monkeypatching):
   :mod:`greenscope.fork` ran - registries empty, engines bound to them with pools of their own.
 - ``worker_init`` (the worker process, before its pool starts): when gevent or eventlet patched
   the process (``-P gevent`` / ``-P eventlet``), the database drivers are made cooperative
-  (``greenscope.patch_drivers()`` where it exists, else psycogreen for psycopg2), so a query
-  never stops every other task.
+  (:func:`greenscope.patch_drivers`), so a query never stops every other task.
 
 Example::
 
@@ -42,7 +41,6 @@ Example::
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 from typing import Any, Callable, Dict, Optional
@@ -51,6 +49,7 @@ from celery import signals
 
 from . import explicit as _explicit
 from . import fork as _fork
+from .drivers import patch_drivers
 
 __all__ = ["install"]
 
@@ -121,7 +120,7 @@ def _worker_init(**_: Any) -> None:
     patched = _patched_runtime()
     if patched is None:
         return
-    did = _patch_drivers(patched)
+    did = patch_drivers(log=_log)
     _log.info("greenscope: %s worker, database drivers made cooperative: %s", patched, did)
 
 
@@ -134,36 +133,6 @@ def _patched_runtime() -> Optional[str]:
     if patcher is not None and patcher.is_monkey_patched("socket"):
         return "eventlet"
     return None
-
-
-def _patch_drivers(runtime: str) -> Any:
-    """``greenscope.patch_drivers()`` where it exists; psycogreen for psycopg2 otherwise."""
-    import greenscope
-
-    patch_drivers: Optional[Callable[[], Any]] = getattr(greenscope, "patch_drivers", None)
-    if patch_drivers is None:
-        try:
-            patch_drivers = importlib.import_module("greenscope.drivers").patch_drivers
-        except (ImportError, AttributeError):
-            patch_drivers = None
-    if patch_drivers is not None:
-        return patch_drivers()
-    if runtime == "gevent":
-        from .gunicorn import patch_psycopg2
-
-        return {"psycopg2": patch_psycopg2()}
-    try:  # eventlet.monkey_patch() patches psycopg2 itself; psycogreen if that was left out
-        import psycopg2.extensions
-    except ImportError:
-        return {"psycopg2": False}
-    if psycopg2.extensions.get_wait_callback() is None:
-        try:
-            from psycogreen.eventlet import patch_psycopg
-        except ImportError:
-            _log.warning("greenscope: psycopg2 will block the eventlet worker: no psycogreen")
-        else:
-            patch_psycopg()
-    return {"psycopg2": psycopg2.extensions.get_wait_callback() is not None}
 
 
 _RECEIVERS: Dict[Any, Callable[..., None]] = {
