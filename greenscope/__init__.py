@@ -16,6 +16,7 @@ import logging as _logging
 from . import _transactions as _transactions
 from .drivers import patch_drivers as patch_drivers
 from .explicit import scope as scope
+from .fork import fork_safe as fork_safe
 from .handoffs import handoff as handoff
 from .registry import WeakScopeRegistry as WeakScopeRegistry
 from .scoping import current_scope as current_scope
@@ -24,6 +25,7 @@ from .session import scoped_session as scoped_session
 __all__ = [
     "WeakScopeRegistry",
     "current_scope",
+    "fork_safe",
     "handoff",
     "patch_drivers",
     "scope",

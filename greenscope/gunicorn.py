@@ -34,7 +34,11 @@ What happens in each worker, in gunicorn's order (``gunicorn/arbiter.py`` and
 1. :func:`pre_fork` (master): finds every SQLAlchemy ``Engine`` that exists at fork time with one
    ``gc.get_objects()`` scan (about 5 ms per 65,000 objects, once per worker spawned). An event
    listener cannot do this job: SQLAlchemy has no "engine created" event, and an engine that
-   never connected still owns a pool whose locks were created before patching.
+   never connected still owns a pool whose locks were created before patching. They are handed
+   to :func:`greenscope.fork_safe`: at the fork itself each gets a new pool in the worker and
+   the master's connections are orphaned there (never reset or closed, their sockets on
+   ``/dev/null`` in the worker); step 3 renews the pools once more, after patching, the same way
+   (:func:`greenscope.fork.renew_pool`).
 2. :func:`post_fork` (worker, before patching): makes sure every greenscope registry is empty, as
    ``os.register_at_fork`` in :mod:`greenscope.registry` already arranged: the parent's sessions
    and their connections are never touched in the child.
@@ -77,6 +81,7 @@ import sys
 import weakref
 from typing import Any, List, Optional, Set, Tuple
 
+from . import fork as _fork
 from . import registry as _registry
 from . import runtimes as _runtimes
 from .drivers import patch_drivers
@@ -222,7 +227,7 @@ def dispose_engines_inherited_at_fork() -> int:
         if engine is None or id(engine.pool) in pools:
             continue
         pools.add(id(engine.pool))
-        engine.dispose(close=False)
+        _fork.renew_pool(engine)  # dispose(close=False), the master's connections orphaned
     return len(pools)
 
 
@@ -261,7 +266,10 @@ def _snapshot_inherited() -> bool:
 
 def _take_snapshot() -> None:
     global _snapshot
-    _snapshot = (os.getpid(), [weakref.ref(engine) for engine in _find_engines()])
+    engines = _find_engines()
+    for engine in engines:  # renewed at the fork too, their inherited sockets neutralised
+        _fork.fork_safe(engine)
+    _snapshot = (os.getpid(), [weakref.ref(engine) for engine in engines])
 
 
 def _find_engines() -> List[Any]:

@@ -204,10 +204,12 @@ def test_streaming_response_keeps_its_session_until_the_server_closes_it(
 
 
 @pytest.mark.postgres
-def test_gevent_worker_without_greenscope_config_reuses_the_masters_connection_and_blocks(
+def test_gevent_worker_without_greenscope_config_blocks_but_gets_its_own_connections(
     pg_url: str, pg_table: str
 ) -> None:
     # The counterpart of the first test: plain `-k gevent --preload`, no greenscope.gunicorn.
+    # greenscope.fork renews the registry's engine at the fork itself (so the worker never
+    # talks on the master's socket), but before gevent patches: the locks and driver block.
     with gunicorn_server(
         "greenscope",
         port=free_port(),
@@ -219,10 +221,10 @@ def test_gevent_worker_without_greenscope_config_reuses_the_masters_connection_a
         first = server.get_json("/query")[1]
     assert stats["gevent_patched"] is True
     assert stats["psycopg2_wait_callback"] is None  # every query blocks the whole worker
-    assert stats["pool_lock"] == "_thread.RLock"  # the pool made in the master, before patching
-    # The worker's first request ran on the connection the master opened before the fork: the
-    # same server process, a socket two processes now hold.
-    assert first["backend_pid"] == stats["import_backend_pid"]
+    assert stats["pool_lock"] == "_thread.RLock"  # the pool made at the fork, before patching
+    # Not the connection the master opened before the fork (before greenscope.fork the worker's
+    # first request ran on it: a socket two processes held).
+    assert first["backend_pid"] != stats["import_backend_pid"]
 
 
 def _serves_others_during_a_slow_query(server: Any) -> Dict[str, Any]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import greenscope.celery
 from doctor_celery import Session, app, engine
+
+import greenscope.celery
 
 greenscope.celery.install(app)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from doctor_fastapi_def_endpoint import Session, app, engine
+
 from greenscope.asgi import ScopeMiddleware
 
 app.add_middleware(ScopeMiddleware)
