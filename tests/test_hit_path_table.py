@@ -714,7 +714,7 @@ print(json.dumps(out))
 """
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bystanders() -> Dict[str, Any]:
     return run_python(_BYSTANDER_SCRIPT, timeout=60)  # type: ignore[no-any-return]
 
