@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, TypeVar
 
+from greenlet import getcurrent
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.ext.asyncio import async_scoped_session as _stock_async_scoped_session
 from sqlalchemy.orm import Session
@@ -114,7 +115,9 @@ class async_scoped_session(_stock_async_scoped_session[_AS]):
             if fast is not None:
                 loop = _get_running_loop()
                 if loop is not None and fast.owner is _current_task(loop):
-                    return fast.value  # type: ignore[no-any-return]
+                    current, glet = getcurrent(), fast.glet
+                    if glet is current or current.parent is glet:  # the task's greenlet
+                        return fast.value  # type: ignore[no-any-return]
         return super()._proxied
 
     def __call__(self, **kw: Any) -> _AS:
@@ -129,7 +132,9 @@ class async_scoped_session(_stock_async_scoped_session[_AS]):
                 if fast is not None:
                     loop = _get_running_loop()
                     if loop is not None and fast.owner is _current_task(loop):
-                        return fast.value  # type: ignore[no-any-return]
+                        current, glet = getcurrent(), fast.glet
+                        if glet is current or current.parent is glet:  # the task's greenlet
+                            return fast.value  # type: ignore[no-any-return]
         return super().__call__(**kw)
 
 

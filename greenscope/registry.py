@@ -4,7 +4,7 @@ The data structure, for one registry::
 
     registry._entries : id(key) -> _Entry: a weakref(key) holding value, home and fast_ref
     registry.registry : key -> value            (value keys, found by equality, as in stock)
-    registry._var     : ContextVar -> _Fast(owner, value)   (default scope only)
+    registry._var     : ContextVar -> _Fast(owner, glet, value)   (default scope only)
 
 ``_entries`` holds the identity-hashed keys (greenlets, tasks, scope keys, any object without an
 ``__eq__`` of its own): one entry per live scope, found by ``id(key)`` and then verified by
@@ -60,12 +60,15 @@ _DEAD = object()
 
 
 class _Fast:
-    """What a context caches for the hot path: the owner to verify and the value."""
+    """What a context caches for the hot path: the owner to verify, the greenlet that cached it
+    (for a task owner: a greenlet running a copy of the task's context must not hit, while
+    SQLAlchemy's ``run_sync`` greenlets, children of that greenlet, must) and the value."""
 
-    __slots__ = ("__weakref__", "owner", "value")
+    __slots__ = ("__weakref__", "glet", "owner", "value")
 
-    def __init__(self, owner: object, value: Any) -> None:
+    def __init__(self, owner: object, glet: object, value: Any) -> None:
         self.owner = owner
+        self.glet = glet
         self.value = value
 
 
@@ -127,11 +130,11 @@ class _Entry(weakref.ref):  # type: ignore[type-arg]
         registry = self.registry_ref()
         return None if registry is None else registry._drop(self)
 
-    def fast(self, owner: object) -> _Fast:
-        """The ``_Fast`` for ``owner``, reused while some context still caches it."""
+    def fast(self, owner: object, glet: object) -> _Fast:
+        """The ``_Fast`` for ``owner`` seen from ``glet``, reused while a context caches it."""
         fast = self.fast_ref()
-        if fast is None or fast.owner is not owner:
-            fast = _Fast(owner, self.value)
+        if fast is None or fast.owner is not owner or fast.glet is not glet:
+            fast = _Fast(owner, glet, self.value)
             self.fast_ref = weakref.ref(fast)
         return fast
 
@@ -147,7 +150,7 @@ class _Entry(weakref.ref):  # type: ignore[type-arg]
         self.unhook = self.keep = self.home = None
         fast, self.fast_ref = self.fast_ref(), _nothing
         if fast is not None:
-            fast.owner = _DEAD
+            fast.owner = fast.glet = _DEAD
             fast.value = None
         return value
 
@@ -270,13 +273,16 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
         if var is not None:
             fast = var.get()
             if fast is not None:
-                if fast.owner is getcurrent():
+                current = getcurrent()
+                if fast.owner is current:
                     if _get_running_loop() is None:
                         return fast.value  # type: ignore[no-any-return]
                 else:
                     loop = _get_running_loop()
                     if loop is not None and fast.owner is _current_task(loop):
-                        return fast.value  # type: ignore[no-any-return]
+                        glet = fast.glet
+                        if glet is current or current.parent is glet:  # the task's greenlet
+                            return fast.value  # type: ignore[no-any-return]
         return self._lookup()
 
     def _lookup(self) -> _T:
@@ -367,7 +373,7 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
         """
         var = self._var
         if var is not None:
-            var.set(entry.fast(key.owner if type(key) is ScopeKey else key))
+            var.set(entry.fast(key.owner if type(key) is ScopeKey else key, getcurrent()))
 
     # -- storing and ending -------------------------------------------------------------
 
@@ -397,7 +403,7 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
         self._entries[key_id] = entry
         var = self._var
         if var is not None:  # as ``_cache``, inlined: a new entry has no ``_Fast`` yet
-            fast = _Fast(key.owner if type(key) is ScopeKey else key, value)
+            fast = _Fast(key.owner if type(key) is ScopeKey else key, getcurrent(), value)
             entry.fast_ref = weakref.ref(fast)
             var.set(fast)
 

@@ -34,7 +34,7 @@ import os
 import sys
 import threading
 import weakref
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 from greenlet import getcurrent
 
@@ -129,9 +129,11 @@ scope_var: contextvars.ContextVar[Optional[ScopeKey]] = contextvars.ContextVar(
 )
 
 
-#: The task this context is known to act for (a weak reference; set by :func:`_acts_for`).
-_acting_for: contextvars.ContextVar[Optional[weakref.ref[Any]]] = contextvars.ContextVar(
-    "greenscope.acting_for", default=None
+#: The task this context is known to act for, and the greenlet that was found to act for it
+#: (weak references; set by :func:`_acts_for`). The greenlet is part of the answer: a greenlet
+#: running code in a *copy* of the task's context carries the copy of this value too.
+_acting_for: contextvars.ContextVar[Optional[Tuple[weakref.ref[Any], weakref.ref[Any]]]] = (
+    contextvars.ContextVar("greenscope.acting_for", default=None)
 )
 
 
@@ -152,11 +154,12 @@ def current_owner() -> object:
 def _acts_for(task: Any) -> bool:
     """Does the caller run on ``task``'s behalf (rule 4b)? Remembered in this context."""
     known = _acting_for.get()
-    if known is not None and known() is task:
+    glet = getcurrent()
+    if known is not None and known[0]() is task and known[1]() is glet:
         return True
     if not _in_lineage(task):
         return False
-    _acting_for.set(weakref.ref(task))
+    _acting_for.set((weakref.ref(task), weakref.ref(glet)))
     return True
 
 
