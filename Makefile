@@ -39,5 +39,11 @@ docs: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/run.py
 
+.PHONY: dist-check
+
+## packaging: sdist, a py3-none-any wheel built from it, twine check, contents, fresh-venv smoke
+dist-check: $(STAMP)
+	$(PY) .ci/dist_check.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
