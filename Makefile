@@ -39,11 +39,17 @@ docs: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/run.py
 
-.PHONY: dist-check
+.PHONY: dist-check test-matrix
 
 ## packaging: sdist, a py3-none-any wheel built from it, twine check, contents, fresh-venv smoke
 dist-check: $(STAMP)
 	$(PY) .ci/dist_check.py
+
+## the suite (not slow) under CPython 3.9, 3.10, 3.12 and 3.13 (pyenv), each in its .venv-X.Y,
+## then on 3.9 at the lowest versions pyproject.toml allows (.venv-lowest). MATRIX_ARGS: e.g.
+## --versions 3.12 --no-lowest
+test-matrix: $(STAMP)
+	$(PY) .ci/test_matrix.py $(MATRIX_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
