@@ -44,5 +44,17 @@ pgbouncer:
 	@command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || \
 	{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y pgbouncer; }
 
+.PHONY: dist-check test-matrix
+
+## packaging: sdist, a py3-none-any wheel built from it, twine check, contents, fresh-venv smoke
+dist-check: $(STAMP)
+	$(PY) .ci/dist_check.py
+
+## the suite (not slow) under CPython 3.9, 3.10, 3.12 and 3.13 (pyenv), each in its .venv-X.Y,
+## then on 3.9 at the lowest versions pyproject.toml allows (.venv-lowest). MATRIX_ARGS: e.g.
+## --versions 3.12 --no-lowest
+test-matrix: $(STAMP)
+	$(PY) .ci/test_matrix.py $(MATRIX_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

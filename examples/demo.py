@@ -99,6 +99,14 @@ class Server:
         return body  # type: ignore[no-any-return]
 
 
+def _no_control_socket() -> List[str]:
+    """``--no-control-socket`` on gunicorn 25.1+ (no socket under ``$HOME``); older ones lack it."""
+    from gunicorn.config import KNOWN_SETTINGS
+
+    known = any("--no-control-socket" in (getattr(s, "cli", None) or []) for s in KNOWN_SETTINGS)
+    return ["--no-control-socket"] if known else []
+
+
 @contextlib.contextmanager
 def gunicorn_server(
     mode: str,
@@ -123,7 +131,7 @@ def gunicorn_server(
     if database_url:
         env["DATABASE_URL"] = database_url
     env.update(extra_env or {})
-    command = [sys.executable, "-m", "gunicorn", "--preload", "--no-control-socket"]
+    command = [sys.executable, "-m", "gunicorn", "--preload", *_no_control_socket()]
     if config:
         command += ["-c", config]
     if worker_class:

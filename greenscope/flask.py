@@ -47,6 +47,8 @@ Example::
     (1, False)
     >>> len(db.session.registry)  # every app context's session was removed at teardown
     0
+    >>> with app.app_context():
+    ...     db.engine.dispose()  # close the pooled connection (3.13 warns at GC)
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ class scoped_session(_stock_scoped_session[_S]):
         >>> Session() is Session()
         True
         >>> Session.remove()
+        >>> Session.get_bind().dispose()  # close the pooled connection (3.13 warns at GC)
     """
 
     registry: WeakScopeRegistry[_S]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import flask_sqlalchemy
 import pytest
@@ -20,8 +20,26 @@ from greenscope.wsgi import ScopeMiddleware
 pytestmark = pytest.mark.timeout(120)
 
 
+_made: List[Tuple[Flask, flask_sqlalchemy.SQLAlchemy]] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_what_the_apps_opened() -> Iterator[None]:
+    """After each test: close the sessions its requests saw (the stock tests leave them open on
+    purpose) and dispose its engines, so no SQLite connection is left to the GC (3.13 warns)."""
+    yield
+    while _made:
+        app, db = _made.pop()
+        for session, _ in app.extensions["seen"]:
+            session.close()
+        with app.app_context():
+            for engine in db.engines.values():
+                engine.dispose()
+
+
 def make_app(db: flask_sqlalchemy.SQLAlchemy, path: Path, pool_size: int = 30) -> Flask:
     app = Flask(__name__)
+    _made.append((app, db))
     app.config["SQLALCHEMY_DATABASE_URI"] = f"sqlite:///{path}"
     app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {
         "pool_size": pool_size,
