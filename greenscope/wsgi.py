@@ -14,17 +14,20 @@ with server code (header writing, logging, the next request's parsing) in betwee
   request starts. The application call, every ``next()`` of the response iterable and its
   ``close()`` each run inside that context (``Context.run``), where ``current_scope()`` is the
   request's key and every registry's fast-path cache starts empty (as on entering
-  :func:`greenscope.scope`); a ``list`` or ``tuple`` body, whose steps run no application code,
-  is iterated by the server through the list's own iterator. Nothing set there - the scope, the
+  :func:`greenscope.scope`). Nothing set there - the scope, the
   registries' caches, context variables the application sets - leaks into the server code between
   two steps, and the request still sees its own values at the next step (the fast path stays warm
   across body chunks).
-- **The scope is closed** - its sessions closed and removed, errors logged - after the wrapped
-  iterable's ``close()`` when the server calls ``close()`` on the response; at once when the
-  application raises in the call; and at once when an iteration step raises (the wrapped
+- **The scope is closed** - its sessions closed and removed, errors logged - as soon as no
+  application code can run any more: when the application returns a ``list`` or ``tuple`` (it has
+  no ``close()`` and its steps run no application code; the server gets it as it is, and the
+  connection is back in the pool *before* the server writes the response, so a request waiting
+  for the pool gets it rather than this keep-alive greenlet's next request); else after the
+  wrapped iterable's ``close()`` when the server calls ``close()`` on the response; at once when
+  the application raises in the call; and at once when an iteration step raises (the wrapped
   ``close()`` is called first, inside the scope). ``close()`` is idempotent. If a broken server
-  never calls ``close()``, the scope key is freed with the response and the registries close its
-  sessions on their next use.
+  never calls ``close()``, the scope key is freed with the response and its sessions are closed by
+  the thread's home (see :mod:`greenscope.runtimes`).
 - **Owner**: a scope belongs to the greenlet or thread that uses it. Servers iterate on the
   greenlet that called the application; should one iterate elsewhere, the key is handed to the
   greenlet running the step (``key.owner`` is updated), so the session is still the request's.
@@ -55,7 +58,8 @@ Example::
     ...     try:
     ...         return b"".join(result)
     ...     finally:
-    ...         result.close()
+    ...         if hasattr(result, "close"):  # a list body has none: its scope ended already
+    ...             result.close()
     >>> first = call()
     >>> len(Session.registry)  # the request's session was closed and removed
     0
@@ -94,10 +98,9 @@ class ScopeMiddleware:
         ...     start_response("200 OK", [])
         ...     return [b"hello"]
         >>> application = ScopeMiddleware(hello)
-        >>> body = application({}, lambda *args: None)
+        >>> body = application({}, lambda *args: None)  # a list: the scope has ended already
         >>> list(body)
         [b'hello']
-        >>> body.close()
     """
 
     __slots__ = ("app",)
@@ -115,11 +118,17 @@ class ScopeMiddleware:
         except BaseException:
             request.end(failed=True)
             raise
-        if type(result) is not list:  # a list is never the server's file wrapper
-            file_wrapper = environ.get("wsgi.file_wrapper") if isinstance(environ, dict) else None
-            is_file = isinstance(file_wrapper, type) and isinstance(result, file_wrapper)
-            if is_file and _chain_close(result, request):
-                return result
+        if type(result) is list or type(result) is tuple:
+            # No application code can run any more (a list has no close() and its steps run
+            # none): end the scope now, before the server writes the body. The connection goes
+            # back to the pool while the response is sent, so a request waiting for it gets it
+            # first, instead of this keep-alive greenlet taking it straight back.
+            request.end(failed=False)
+            return result
+        file_wrapper = environ.get("wsgi.file_wrapper") if isinstance(environ, dict) else None
+        is_file = isinstance(file_wrapper, type) and isinstance(result, file_wrapper)
+        if is_file and _chain_close(result, request):
+            return result
         request.result = result
         return request
 
@@ -159,11 +168,6 @@ class _Request:
     # -- the response iterable ------------------------------------------------------------
 
     def __iter__(self) -> Iterator[bytes]:
-        result = self.result
-        if type(result) is list or type(result) is tuple:
-            # Stepping a list runs no application code: the server gets the C iterator, and
-            # close() (on this object) still ends the scope.
-            return iter(result)
         return self
 
     def __next__(self) -> bytes:

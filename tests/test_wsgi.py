@@ -128,39 +128,61 @@ def test_same_greenlet_without_middleware_reuses_the_session_across_requests(
     Session_.remove()
 
 
-def test_session_stays_open_until_the_server_calls_close(engine: Engine) -> None:
-    Session_ = greenscope.scoped_session(sessionmaker(engine))
-    seen: List[Any] = []
-    result = FakeServer(ScopeMiddleware(session_app(Session_, seen))).call()
-    assert list(result) == [b"ok"]
-    session = seen[0][0]
-    assert session.in_transaction()
-    assert checked_out(engine) == 1
-    result.close()  # type: ignore[attr-defined]
-    assert not session.in_transaction()
-    assert checked_out(engine) == 0
-
-
-@pytest.mark.parametrize("body", [[b"o", b"k"], (b"o", b"k")])
-def test_list_body_is_stepped_by_its_own_iterator_and_still_ends_at_close(
-    engine: Engine, body: Iterable[bytes]
+def test_streamed_body_keeps_the_session_open_until_the_server_calls_close(
+    engine: Engine,
 ) -> None:
-    """A list or tuple body runs no application code when stepped: the server gets the C
-    iterator (no Python frame, no Context switch per chunk); close() still ends the scope."""
     Session_ = greenscope.scoped_session(sessionmaker(engine))
 
     def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        Session_().execute(text("select 1"))
+        session = Session_()
+        session.execute(text("select 1"))
+        start_response("200 OK", [])
+        yield b"ok"
+
+    result = FakeServer(ScopeMiddleware(app)).call()
+    assert list(result) == [b"ok"]
+    assert checked_out(engine) == 1  # application code may still run, in close()
+    result.close()  # type: ignore[attr-defined]
+    assert (checked_out(engine), len(Session_.registry)) == (0, 0)
+
+
+@pytest.mark.parametrize("body", [[b"o", b"k"], (b"o", b"k")])
+def test_list_body_ends_the_scope_before_the_server_writes_it(
+    engine: Engine, body: Iterable[bytes]
+) -> None:
+    """A list or tuple body has no close() and runs no application code when stepped: the scope
+    ends as the application returns, so its connection is back in the pool while the response is
+    written (a request waiting for the pool gets it first: issue 15), and the server gets the
+    body itself (no wrapper, no Python frame per chunk)."""
+    Session_ = greenscope.scoped_session(sessionmaker(engine))
+    seen: List[Session] = []
+
+    def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        seen.append(Session_())
+        seen[0].execute(text("select 1"))
         start_response("200 OK", [])
         return body
 
     result = FakeServer(ScopeMiddleware(app)).call()
-    iterator = iter(result)
-    assert type(iterator) is type(iter(body))
-    assert b"".join(iterator) == b"ok"
-    assert checked_out(engine) == 1  # the request's session stays open until close()
-    result.close()  # type: ignore[attr-defined]
+    assert result is body
     assert (checked_out(engine), len(Session_.registry)) == (0, 0)
+    assert not seen[0].in_transaction()
+
+
+def test_close_error_of_a_list_response_is_logged_and_raised_from_the_call(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    class CloseFails(Session):
+        def close(self) -> None:
+            super().close()
+            raise OSError("close failed")
+
+    Session_ = greenscope.scoped_session(sessionmaker(engine, class_=CloseFails))
+    caplog.set_level(logging.ERROR, logger="greenscope")
+    with pytest.raises(OSError, match="close failed"):
+        FakeServer(ScopeMiddleware(session_app(Session_, []))).call()
+    assert any("error closing" in r.getMessage() for r in caplog.records)
+    assert checked_out(engine) == 0
 
 
 # -- streaming ---------------------------------------------------------------------------
@@ -341,8 +363,14 @@ def test_close_error_at_request_end_is_logged_and_raised_from_close(
             raise OSError("close failed")
 
     Session_ = greenscope.scoped_session(sessionmaker(engine, class_=CloseFails))
+
+    def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        Session_().execute(text("select 1"))
+        start_response("200 OK", [])
+        yield b"ok"
+
     caplog.set_level(logging.ERROR, logger="greenscope")
-    result = FakeServer(ScopeMiddleware(session_app(Session_, []))).call()
+    result = FakeServer(ScopeMiddleware(app)).call()
     assert list(result) == [b"ok"]
     with pytest.raises(OSError, match="close failed"):
         result.close()  # type: ignore[attr-defined]
