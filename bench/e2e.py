@@ -1,12 +1,18 @@
-"""End to end: gunicorn ``-k gevent`` + PostgreSQL, stock-correct versus greenscope.
+"""End to end: gunicorn ``-k gevent`` + PostgreSQL, stock-correct versus greenscope, in two
+scenarios: ``normal`` (a pooled connection per keep-alive client) and ``pressure`` (a pool of 2
+for 8 keep-alive clients: requests queue for a connection, which is where a scope that returns
+its connection late, or a greenlet that takes it straight back, starves the others).
 
     .venv/bin/python bench/e2e.py [--quick] [--smoke]
 
-Starts one gunicorn (1 gevent worker, pool of 16) per configuration of ``bench/e2e_app.py`` on
-free loopback ports, both at once, then alternates bounded load bursts from a separate process
-(``bench/loadgen.py``) between them, round after round, so drift hits both alike. Prints one JSON
-object: per-round requests/s and p99 latency, medians and the ratios to the stock configuration.
-Every process started here is killed in a ``finally``; the table is dropped.
+For each scenario, starts one gunicorn (1 gevent worker) per configuration of
+``bench/e2e_app.py`` (``stock``, ``greenscope``, ``greenscope_remove``) on free loopback ports, all
+at once, then alternates bounded load bursts from a separate process (``bench/loadgen.py``)
+between them, round after round, so drift hits all alike. Prints one JSON object with, per
+scenario, per-round requests/s, p99 and max latency and worker CPU per request, medians and the
+ratios to the stock configuration (keys ``normal.rps``, ``pressure.max_ms``, ...), and the errors
+(pool timeouts answer 500). Every process started here is killed in a ``finally``; the table is
+dropped.
 
 The two servers differ only in what a user changes to adopt greenscope: the app
 (``BENCH_MODE``: ``ScopeMiddleware`` and ``greenscope.scoped_session`` instead of ``remove()``)
@@ -37,19 +43,26 @@ SA_URL = "postgresql+psycopg2://" + PG_URL.split("://", 1)[1]
 QUICK = "--quick" in sys.argv
 SMOKE = "--smoke" in sys.argv
 if SMOKE:
-    ROUNDS, SECONDS, CONNECTIONS = 1, 0.5, 4
+    ROUNDS, SECONDS = 1, 0.5
 elif QUICK:
-    ROUNDS, SECONDS, CONNECTIONS = 4, 2.0, 16
+    ROUNDS, SECONDS = 4, 2.0
 else:
-    ROUNDS, SECONDS, CONNECTIONS = 10, 3.0, 16
-MODES = ["stock", "greenscope"]
+    ROUNDS, SECONDS = 10, 3.0
+MODES = ["stock", "greenscope", "greenscope_remove"]
 #: what a user adds to run greenscope under gunicorn; nothing else differs between the servers
-MODE_ARGS = {"stock": [], "greenscope": ["-c", "python:greenscope.gunicorn"]}
+MODE_ARGS = {
+    "stock": [],
+    "greenscope": ["-c", "python:greenscope.gunicorn"],
+    "greenscope_remove": ["-c", "python:greenscope.gunicorn"],
+}
+#: scenario -> (pool size, keep-alive client connections, pool timeout in s). ``normal``: one
+#: pooled connection per client, so the figure is the cost of scoping, not of queueing;
+#: ``pressure``: 4 clients per connection, a timeout a starving request can hit (a 500).
+SCENARIOS = {"normal": (16, 16, 30.0), "pressure": (2, 8, 2.0)}
+if SMOKE:
+    SCENARIOS = {"normal": (4, 4, 30.0), "pressure": (2, 4, 2.0)}
 #: the settings ``greenscope.gunicorn`` sets, pinned on both command lines
 SERVER_ARGS = ["-k", "gevent", "-w", "1", "--worker-connections", "1000", "--keep-alive", "5"]
-#: one pooled connection per client connection: no request waits for the pool, so the figure
-#: is the cost of scoping, not of queueing (2 servers x 16 = 32 PostgreSQL connections)
-POOL = 16
 
 
 def free_port() -> int:
@@ -86,14 +99,14 @@ def worker_cpu(master: int) -> float:
     return total
 
 
-def load(port: int, seconds: float) -> Dict[str, Any]:
+def load(port: int, seconds: float, connections: int) -> Dict[str, Any]:
     out = subprocess.run(
         [
             sys.executable,
             str(ROOT / "bench" / "loadgen.py"),
             str(port),
             "--connections",
-            str(CONNECTIONS),
+            str(connections),
             "--seconds",
             str(seconds),
         ],
@@ -105,16 +118,8 @@ def load(port: int, seconds: float) -> Dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-def main() -> None:
-    import sqlalchemy
-
-    table = f"gs_bench_{uuid.uuid4().hex[:10]}"
-    engine = sqlalchemy.create_engine(SA_URL, poolclass=sqlalchemy.pool.NullPool)
-    with engine.begin() as conn:
-        conn.exec_driver_sql(f"create table {table} (id serial primary key, owner text, n int)")
-        conn.exec_driver_sql(
-            f"insert into {table} (owner, n) select 'bench', g from generate_series(1, 100) g"
-        )
+def run_scenario(table: str, pool: int, connections: int, timeout: float) -> Dict[str, Any]:
+    """Start the three servers, run the interleaved rounds, stop them; the scenario's figures."""
     ok = False
     procs: Dict[str, subprocess.Popen[bytes]] = {}
     ports: Dict[str, int] = {}
@@ -127,7 +132,8 @@ def main() -> None:
                 BENCH_MODE=mode,
                 BENCH_TABLE=table,
                 DATABASE_URL=SA_URL,
-                POOL_SIZE=str(POOL),
+                POOL_SIZE=str(pool),
+                POOL_TIMEOUT=str(timeout),
                 PYTHONPATH=str(ROOT),
             )
             log_path = f"/tmp/greenscope-bench-e2e-{mode}-{os.getpid()}.log"
@@ -155,56 +161,46 @@ def main() -> None:
         for mode in MODES:
             wait_ready(ports[mode], procs[mode])
         for mode in MODES:  # warm-up: pools filled, code paths specialised
-            load(ports[mode], min(SECONDS, 1.0))
-        rps: Dict[str, List[float]] = {m: [] for m in MODES}
-        p99: Dict[str, List[float]] = {m: [] for m in MODES}
-        p50: Dict[str, List[float]] = {m: [] for m in MODES}
-        cpu_us: Dict[str, List[float]] = {m: [] for m in MODES}
+            load(ports[mode], min(SECONDS, 1.0), connections)
+        figures = ("rps", "p99_ms", "max_ms", "p50_ms", "worker_cpu_us")
+        samples: Dict[str, Dict[str, List[float]]] = {f: {m: [] for m in MODES} for f in figures}
         errors = {m: 0 for m in MODES}
         for rnd in range(ROUNDS):
-            order = MODES if rnd % 2 == 0 else MODES[::-1]
+            order = MODES[rnd % len(MODES) :] + MODES[: rnd % len(MODES)]  # rotate who goes first
             for mode in order:
                 cpu_before = worker_cpu(procs[mode].pid)
-                res = load(ports[mode], SECONDS)
+                res = load(ports[mode], SECONDS, connections)
                 cpu = worker_cpu(procs[mode].pid) - cpu_before
-                cpu_us[mode].append(cpu / max(res["requests"], 1) * 1e6)
-                rps[mode].append(res["rps"])
-                p99[mode].append(res["p99_ms"])
-                p50[mode].append(res["p50_ms"])
+                samples["worker_cpu_us"][mode].append(cpu / max(res["requests"], 1) * 1e6)
+                for figure in ("rps", "p99_ms", "max_ms", "p50_ms"):
+                    samples[figure][mode].append(res[figure])
                 errors[mode] += res["errors"]
-        result = {
-            "baseline": "stock",
+        units = {
+            "rps": (True, "requests/s"),
+            "p99_ms": (False, "ms"),
+            "max_ms": (False, "ms (the slowest request of the round)"),
+            "p50_ms": (False, "ms"),
+            "worker_cpu_us": (False, "CPU us per request in the gunicorn worker"),
+        }
+        out: Dict[str, Any] = {
             "config": {
                 "workers": 1,
-                "pool_size": POOL,
-                "connections": CONNECTIONS,
+                "pool_size": pool,
+                "connections": connections,
+                "pool_timeout_s": timeout,
                 "seconds_per_burst": SECONDS,
                 "rounds": ROUNDS,
             },
-            "rps": {
-                "higher_is_better": True,
-                "unit": "requests/s",
-                "candidates": summarize(rps, "stock"),
-            },
-            "p99_ms": {
-                "higher_is_better": False,
-                "unit": "ms",
-                "candidates": summarize(p99, "stock"),
-            },
-            "p50_ms": {
-                "higher_is_better": False,
-                "unit": "ms",
-                "candidates": summarize(p50, "stock"),
-            },
-            "worker_cpu_us": {
-                "higher_is_better": False,
-                "unit": "CPU us per request in the gunicorn worker",
-                "candidates": summarize(cpu_us, "stock"),
-            },
             "errors": errors,
         }
-        print(json.dumps(result))
+        for figure, (higher, unit) in units.items():
+            out[figure] = {
+                "higher_is_better": higher,
+                "unit": unit,
+                "candidates": summarize(samples[figure], "stock"),
+            }
         ok = True
+        return out
     finally:
         for proc in procs.values():
             proc.terminate()
@@ -218,6 +214,28 @@ def main() -> None:
             log.close()
             if ok:  # the servers' logs are kept only when something went wrong
                 os.unlink(log.name)
+
+
+def main() -> None:
+    import sqlalchemy
+
+    table = f"gs_bench_{uuid.uuid4().hex[:10]}"
+    engine = sqlalchemy.create_engine(SA_URL, poolclass=sqlalchemy.pool.NullPool)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"create table {table} (id serial primary key, owner text, n int)")
+        conn.exec_driver_sql(
+            f"insert into {table} (owner, n) select 'bench', g from generate_series(1, 100) g"
+        )
+    try:
+        result: Dict[str, Any] = {"baseline": "stock", "scenarios": list(SCENARIOS)}
+        for name, (pool, connections, timeout) in SCENARIOS.items():
+            scenario = run_scenario(table, pool, connections, timeout)
+            result[f"{name}.config"] = scenario.pop("config")
+            result[f"{name}.errors"] = scenario.pop("errors")
+            for figure, data in scenario.items():
+                result[f"{name}.{figure}"] = data
+        print(json.dumps(result))
+    finally:
         with engine.begin() as conn:
             conn.exec_driver_sql(f"drop table if exists {table}")
         engine.dispose()

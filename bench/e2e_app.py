@@ -10,6 +10,8 @@ measured is how the session is scoped and ended:
   of every request (keep-alive requests share a greenlet, so remove() is what ends the session).
 - ``BENCH_MODE=greenscope``: ``greenscope.scoped_session`` and
   :class:`greenscope.wsgi.ScopeMiddleware` (an explicit scope per request), no ``remove()``.
+- ``BENCH_MODE=greenscope_remove``: ``greenscope.scoped_session`` with ``Session.remove()`` at the
+  end of every request by hand, as in ``stock`` (what the middleware must not be slower than).
 
 psycopg2 is made cooperative with psycogreen at import (the worker has patched by then).
 Run by hand::
@@ -40,7 +42,7 @@ engine = create_engine(
     os.environ["DATABASE_URL"],
     pool_size=int(os.environ.get("POOL_SIZE", "10")),
     max_overflow=0,
-    pool_timeout=30,
+    pool_timeout=float(os.environ.get("POOL_TIMEOUT", "30")),
 )
 factory = sessionmaker(engine)
 Session: Any = scoped_session(factory) if MODE == "stock" else greenscope.scoped_session(factory)
@@ -67,4 +69,6 @@ def _stock_app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> I
         Session.remove()
 
 
-app: Callable[..., Iterable[bytes]] = _stock_app if MODE == "stock" else ScopeMiddleware(_handle)
+app: Callable[..., Iterable[bytes]] = (
+    ScopeMiddleware(_handle) if MODE == "greenscope" else _stock_app  # stock, greenscope_remove
+)
