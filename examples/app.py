@@ -24,7 +24,10 @@ Environment:
   middleware, handlers that never call ``remove()`` - under ``--preload`` its ``threading.local``
   is created before gevent patches, so it is one Session for every greenlet of a worker;
   ``greenlet``: ``greenscope.scoped_session`` without the middleware, to show that a greenlet
-  scope is not a request scope (keep-alive requests share their connection's greenlet).
+  scope is not a request scope (keep-alive requests share their connection's greenlet);
+  ``stock_remove``: stock done right - ``sqlalchemy.orm.scoped_session`` whose thread-local is
+  made in the worker after gevent patched (a gevent.local, one per greenlet) and
+  ``Session.remove()`` at the end of every request.
 - ``POOL_SIZE`` (default 5; ``max_overflow`` is 0), ``POOL_TIMEOUT`` (seconds, default 30).
 - ``GREENSCOPE_DEMO_TABLE``: the table (``id``, ``owner``, ``n``), created if missing.
 
@@ -59,13 +62,16 @@ import greenlet
 from sqlalchemy import Integer, String, create_engine, event, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.orm import scoped_session as stock_scoped_session
+from sqlalchemy.util import ThreadLocalRegistry
 
 import greenscope
 from greenscope.wsgi import ScopeMiddleware
 
 MODE = os.environ.get("GREENSCOPE_DEMO_MODE", "greenscope")
-if MODE not in ("stock", "greenscope", "greenlet"):
-    raise SystemExit(f"GREENSCOPE_DEMO_MODE must be stock, greenscope or greenlet, not {MODE!r}")
+if MODE not in ("stock", "stock_remove", "greenscope", "greenlet"):
+    raise SystemExit(
+        f"GREENSCOPE_DEMO_MODE must be stock, stock_remove, greenscope or greenlet, not {MODE!r}"
+    )
 
 
 def _default_url() -> str:
@@ -127,7 +133,9 @@ with engine.connect() as _connection:  # the pooled connection the master keeps
 factory = sessionmaker(engine, expire_on_commit=False)
 #: stock: a ``threading.local`` made at import (before patching under --preload)
 Session: Any = (
-    stock_scoped_session(factory) if MODE == "stock" else greenscope.scoped_session(factory)
+    stock_scoped_session(factory)
+    if MODE in ("stock", "stock_remove")
+    else greenscope.scoped_session(factory)
 )
 
 _served = {"query": 0, "boom": 0, "stream": 0}
@@ -227,7 +235,7 @@ def stats(environ: Dict[str, Any], start_response: StartResponse) -> List[bytes]
         "gevent_patched": _gevent_patched(),
     }
     registry = Session.registry
-    if MODE != "stock":
+    if MODE not in ("stock", "stock_remove"):
         body["registry_len"] = len(registry)
         body["ended_without_remove"] = registry.ended_without_remove
     else:
@@ -268,5 +276,30 @@ def router(environ: Dict[str, Any], start_response: StartResponse) -> Iterable[b
     return ROUTES.get(environ.get("PATH_INFO", ""), not_found)(environ, start_response)
 
 
+def _patched_thread_local_and_remove(
+    environ: Dict[str, Any], start_response: StartResponse
+) -> Iterable[bytes]:
+    """``stock_remove``: the registry's thread-local is made on the first request, in the worker,
+    after gevent patched (a gevent.local); every request ends with ``Session.remove()``."""
+    global _stock_registry_ready
+    if not _stock_registry_ready:
+        Session.registry = ThreadLocalRegistry(factory)
+        _stock_registry_ready = True
+    try:
+        result = router(environ, start_response)
+        if isinstance(result, list):
+            return result
+        return list(result)  # the body is produced inside the request, before remove()
+    finally:
+        Session.remove()
+
+
+_stock_registry_ready = False
+
 app: Callable[[Dict[str, Any], StartResponse], Iterable[bytes]]
-app = ScopeMiddleware(router) if MODE == "greenscope" else router
+if MODE == "greenscope":
+    app = ScopeMiddleware(router)
+elif MODE == "stock_remove":
+    app = _patched_thread_local_and_remove
+else:
+    app = router

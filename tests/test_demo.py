@@ -12,13 +12,13 @@ from typing import Any, Dict, List, Tuple
 from conftest import ROOT
 
 
-def _row(output: str, label: str) -> Tuple[str, str]:
-    """The stock and greenscope cells of the table row starting with ``label``."""
+def _row(output: str, label: str) -> Tuple[str, str, str]:
+    """The stock, greenscope and stock + remove() cells of the table row starting with ``label``."""
     for line in output.splitlines():
         if line.startswith(label):
             cells = re.split(r"\s{2,}", line[len(label) :].strip())
-            assert len(cells) == 2, line
-            return cells[0], cells[1]
+            assert len(cells) == 3, line
+            return cells[0], cells[1], cells[2]
     raise AssertionError(f"no row {label!r} in:\n{output}")
 
 
@@ -36,16 +36,17 @@ def test_make_demo_shows_stock_crosstalk_and_none_with_greenscope_on_sqlite() ->
     output = proc.stdout
     assert proc.returncode == 0, f"{output}\n--- stderr\n{proc.stderr}"
 
-    stock, green = _row(output, "requests that saw another request's session")
+    stock, green, correct = _row(output, "requests that saw another request's session")
     assert int(stock) > 0
-    assert int(green) == 0
+    assert int(green) == int(correct) == 0  # the third column: stock done right
     requests = _row(output, "requests")
     sessions = _row(output, "distinct sessions")
     assert int(sessions[1]) == int(requests[1]) == 500
     assert int(sessions[0]) < int(requests[0])
     leaked = _row(output, "connections left checked out")
     assert int(leaked[0]) >= 1
-    assert int(leaked[1]) == 0
+    assert int(leaked[1]) == int(leaked[2]) == 0
+    assert "stock + remove()" in output
     assert "FAIL" not in output
 
     summary = json.loads(output.strip().splitlines()[-1])
