@@ -307,6 +307,114 @@ TARGETS: List[Tuple[str, str, str, str, str, str, Optional[float]]] = [
         "<=",
         1.0,
     ),
+    (
+        "uvicorn + FastAPI + PG, pool per client: requests/s vs stock + await remove()",
+        "asgi_e2e",
+        "normal.rps",
+        "greenscope",
+        "stock",
+        ">=",
+        1.0,
+    ),
+    (
+        "uvicorn + FastAPI + PG, pool per client: p99 vs stock + await remove()",
+        "asgi_e2e",
+        "normal.p99_ms",
+        "greenscope",
+        "stock",
+        "<=",
+        1.0,
+    ),
+    (
+        "uvicorn + FastAPI + PG, pool per client: max latency vs stock + await remove()",
+        "asgi_e2e",
+        "normal.max_ms",
+        "greenscope",
+        "stock",
+        "<=",
+        1.0,
+    ),
+    (
+        "uvicorn + FastAPI + PG, pool per client: requests/s vs greenscope + remove()",
+        "asgi_e2e",
+        "normal.rps",
+        "greenscope",
+        "greenscope_remove",
+        ">=",
+        1.0,
+    ),
+    (
+        "uvicorn + FastAPI + PG, pool per client: p99 vs greenscope + remove()",
+        "asgi_e2e",
+        "normal.p99_ms",
+        "greenscope",
+        "greenscope_remove",
+        "<=",
+        1.0,
+    ),
+    (
+        "uvicorn + FastAPI + PG, pool per client: max latency vs greenscope + remove()",
+        "asgi_e2e",
+        "normal.max_ms",
+        "greenscope",
+        "greenscope_remove",
+        "<=",
+        1.0,
+    ),
+    (
+        "uvicorn + FastAPI + PG, pool pressure: requests/s vs stock + await remove()",
+        "asgi_e2e",
+        "pressure.rps",
+        "greenscope",
+        "stock",
+        ">=",
+        1.0,
+    ),
+    (
+        "uvicorn + FastAPI + PG, pool pressure: p99 vs stock + await remove()",
+        "asgi_e2e",
+        "pressure.p99_ms",
+        "greenscope",
+        "stock",
+        "<=",
+        1.0,
+    ),
+    (
+        "uvicorn + FastAPI + PG, pool pressure: max latency vs stock + await remove()",
+        "asgi_e2e",
+        "pressure.max_ms",
+        "greenscope",
+        "stock",
+        "<=",
+        1.0,
+    ),
+    (
+        "uvicorn + FastAPI + PG, pool pressure: requests/s vs greenscope + remove()",
+        "asgi_e2e",
+        "pressure.rps",
+        "greenscope",
+        "greenscope_remove",
+        ">=",
+        1.0,
+    ),
+    (
+        "uvicorn + FastAPI + PG, pool pressure: p99 vs greenscope + remove()",
+        "asgi_e2e",
+        "pressure.p99_ms",
+        "greenscope",
+        "greenscope_remove",
+        "<=",
+        1.0,
+    ),
+    (
+        "uvicorn + FastAPI + PG, pool pressure: max latency vs greenscope + remove()",
+        "asgi_e2e",
+        "pressure.max_ms",
+        "greenscope",
+        "greenscope_remove",
+        "<=",
+        1.0,
+    ),
 ]
 
 
@@ -513,11 +621,12 @@ def main() -> None:
     parts["churn_task"] = run_part(["bench/churn.py", "task", *flags], 900)
     parts["request"] = run_part(["bench/request.py", *flags], 900)
     if opts.no_e2e:
-        parts["e2e"] = {"skipped": "--no-e2e"}
+        parts["e2e"] = parts["asgi_e2e"] = {"skipped": "--no-e2e"}
     elif not postgres_reachable():
-        parts["e2e"] = {"skipped": "PostgreSQL unreachable"}
+        parts["e2e"] = parts["asgi_e2e"] = {"skipped": "PostgreSQL unreachable"}
     else:
         parts["e2e"] = run_part(["bench/e2e.py", *flags], 900)
+        parts["asgi_e2e"] = run_part(["bench/asgi_e2e.py", *flags], 900)
     rows = evaluate(parts)
     churn = parts["churn_greenlet"]
     results = {
@@ -558,19 +667,21 @@ def main() -> None:
         f"{(flat.get('checkpoints') or [{}])[-1].get('live_entries')}; sessions closed by "
         f"greenscope {flat.get('ended_without_remove')}.",
     ]
-    if "skipped" in parts["e2e"]:
-        extra.append(f"\nEnd to end: skipped ({parts['e2e']['skipped']}).")
-    else:
-        e2e = parts["e2e"]
+    for part, what in (("e2e", "gunicorn gevent"), ("asgi_e2e", "uvicorn + FastAPI")):
+        if "skipped" in parts[part]:
+            extra.append(f"\nEnd to end ({what}): skipped ({parts[part]['skipped']}).")
+            continue
+        e2e = parts[part]
         for name in e2e["scenarios"]:
             rps = e2e[f"{name}.rps"]["candidates"]
             worst = e2e[f"{name}.max_ms"]["candidates"]
+            timeouts = e2e.get(f"{name}.pool_timeouts", e2e.get(f"{name}.errors"))
             extra.append(
-                f"\nEnd to end, {name} ({e2e[f'{name}.config']}): requests/s "
+                f"\nEnd to end, {what}, {name} ({e2e[f'{name}.config']}): requests/s "
                 + ", ".join(f"{m} {rps[m]['time']['median']:.0f}" for m in rps)
                 + "; median per-round max latency ms "
                 + ", ".join(f"{m} {worst[m]['time']['median']:.0f}" for m in worst)
-                + f"; errors (pool timeouts) {e2e[f'{name}.errors']}."
+                + f"; errors and pool timeouts {e2e.get(f'{name}.errors')} {timeouts}."
             )
     text += "\n" + "\n".join(extra)
     print(text)

@@ -44,10 +44,11 @@ def test_bench_harness_smoke_run_writes_every_figure_and_the_chart(tmp_path: Pat
     assert "stock_threadlocal" in parts["micro_patched"]["main.registry"]["candidates"]
     assert "greenscope" in parts["churn_greenlet"]["greenlet_churn"]["candidates"]
     assert "greenscope" in parts["churn_task"]["task_churn"]["candidates"]
-    for scenario in ("normal", "pressure"):
-        candidates = parts["e2e"][f"{scenario}.rps"]["candidates"]
-        assert {"stock", "greenscope", "greenscope_remove"} <= set(candidates), scenario
-        assert f"{scenario}.max_ms" in parts["e2e"]
+    for part in ("e2e", "asgi_e2e"):
+        for scenario in ("normal", "pressure"):
+            candidates = parts[part][f"{scenario}.rps"]["candidates"]
+            assert {"stock", "greenscope", "greenscope_remove"} <= set(candidates), scenario
+            assert f"{scenario}.max_ms" in parts[part]
     assert "greenscope" in parts["request"]["requests"]["candidates"]
     assert all("ratio" in row for row in results["targets"]), results["targets"]
     assert (tmp_path / "bench-chart.png").stat().st_size > 0

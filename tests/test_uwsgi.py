@@ -103,7 +103,11 @@ def _load(port: int, requests: int = 200, concurrency: int = 20, timeout: float 
     def one(_: int) -> Any:
         try:
             status, body = _get(port, timeout)
-            return body if status == 200 else {"error": status}
+            if status != 200 or "backend" not in body:
+                # a worker whose session failed to close on a shared connection answers
+                # 200 with an empty body (uWSGI has sent the status line): a failure too
+                return {"error": status, "body": body}
+            return body
         except Exception as error:
             return {"error": repr(error)}
 
