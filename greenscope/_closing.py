@@ -9,9 +9,12 @@ rule 3): a handler that does I/O must be free to do it.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
-from typing import Any, Awaitable, List, Optional
+from typing import Any, Awaitable, List, Optional, TypeVar
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("greenscope")
 
@@ -62,3 +65,23 @@ def discard(awaitable: Awaitable[Any], value: Any) -> None:
     if close is not None:
         close()  # a coroutine never awaited: close it so it does not warn at exit
     log.debug("greenscope: no running loop left to close %r", value)
+
+
+async def to_the_end(awaitable: Awaitable[_T]) -> _T:
+    """Await ``awaitable`` in a task of its own until it finishes, even if the caller is
+    cancelled meanwhile (a request timeout), as SQLAlchemy's ``AsyncSession.__aexit__`` does;
+    the cancellation is raised once it has finished. A close cut short would leave the rest of
+    the sessions holding their connections until the GC runs."""
+    future = asyncio.ensure_future(awaitable)
+    cancelled: Optional[BaseException] = None
+    while True:
+        try:
+            result = await asyncio.shield(future)
+            break
+        except asyncio.CancelledError as error:
+            if future.done():
+                raise
+            cancelled = error
+    if cancelled is not None:
+        raise cancelled
+    return result

@@ -72,6 +72,7 @@ from typing import Any, Awaitable, Callable, List, MutableMapping, Optional, Tup
 from sqlalchemy.orm import Session
 
 from . import _closing
+from .explicit import restore
 from .registry import _all_registries
 from .runtimes import aio
 from .scoping import ScopeKey, current_owner, scope_var
@@ -142,15 +143,7 @@ class _Request:
     def leave(self, tokens: Tuple[contextvars.Token[Optional[ScopeKey]], _VarTokens]) -> None:
         """Restore the request task's context as it was before :meth:`enter`."""
         scope_token, hidden = tokens
-        restored = set()
-        for var, token in reversed(hidden):
-            _reset(var, token)
-            restored.add(var)
-        for registry in _all_registries:  # cached inside the scope
-            var = registry._var
-            if var is not None and var not in restored and var.get() is not None:
-                var.set(None)
-        _reset(scope_var, scope_token)
+        restore(hidden, scope_token)
 
     async def finish(self) -> None:
         """The application returned or raised: end the scope, close its sessions."""
@@ -182,30 +175,15 @@ async def _close_all(values: List[Any]) -> None:
             _closing.log.exception("greenscope: error closing %r at request end", value)
     if not pending:
         return
-    everything = asyncio.gather(*(future for _, future in pending), return_exceptions=True)
-    cancelled: Optional[BaseException] = None
-    while True:
-        try:
-            results = await asyncio.shield(everything)
-            break
-        except asyncio.CancelledError as error:
-            if everything.done():
-                raise
-            cancelled = error
-    for (value, _), result in zip(pending, results):
-        if isinstance(result, BaseException):
-            _closing.log.error(
-                "greenscope: error closing %r at request end",
-                value,
-                exc_info=(type(result), result, result.__traceback__),
-            )
-    if cancelled is not None:
-        raise cancelled
 
+    async def gather_and_log() -> None:
+        results = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+        for (value, _), result in zip(pending, results):
+            if isinstance(result, BaseException):
+                _closing.log.error(
+                    "greenscope: error closing %r at request end",
+                    value,
+                    exc_info=(type(result), result, result.__traceback__),
+                )
 
-def _reset(var: contextvars.ContextVar[Any], token: contextvars.Token[Any]) -> None:
-    try:
-        var.reset(token)
-    except ValueError:  # left in another context than it was entered in
-        old = token.old_value
-        var.set(None if old is contextvars.Token.MISSING else old)
+    await _closing.to_the_end(gather_and_log())

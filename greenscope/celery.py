@@ -42,14 +42,13 @@ Example::
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any, Callable, Dict, Optional
 
 from celery import signals
 
 from . import explicit as _explicit
 from . import fork as _fork
-from .drivers import patch_drivers
+from .drivers import green_runtime, patch_drivers
 
 __all__ = ["install"]
 
@@ -117,22 +116,11 @@ def _worker_process_init(**_: Any) -> None:
 
 
 def _worker_init(**_: Any) -> None:
-    patched = _patched_runtime()
+    patched = green_runtime()
     if patched is None:
         return
     did = patch_drivers(log=_log)
     _log.info("greenscope: %s worker, database drivers made cooperative: %s", patched, did)
-
-
-def _patched_runtime() -> Optional[str]:
-    """``"gevent"`` or ``"eventlet"`` when that library monkeypatched ``socket``, else None."""
-    monkey = sys.modules.get("gevent.monkey")
-    if monkey is not None and monkey.is_module_patched("socket"):
-        return "gevent"
-    patcher = sys.modules.get("eventlet.patcher")
-    if patcher is not None and patcher.is_monkey_patched("socket"):
-        return "eventlet"
-    return None
 
 
 _RECEIVERS: Dict[Any, Callable[..., None]] = {

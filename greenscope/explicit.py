@@ -10,7 +10,6 @@ opened it: child greenlets and tasks get their own sessions.
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import functools
 import inspect
@@ -97,21 +96,7 @@ class scope:
         values = self._leave()
         if not values:
             return
-        # Close in a task of its own, shielded, as SQLAlchemy's AsyncSession.__aexit__ does: a
-        # cancellation arriving meanwhile (a request timeout) is re-raised once every session is
-        # closed, instead of leaving the rest holding their connections until the GC runs.
-        closing = asyncio.ensure_future(_close_all(values))
-        cancelled: Optional[BaseException] = None
-        while True:
-            try:
-                first_error = await asyncio.shield(closing)
-                break
-            except asyncio.CancelledError as error:
-                if closing.done():
-                    raise
-                cancelled = error
-        if cancelled is not None:
-            raise cancelled
+        first_error = await _closing.to_the_end(_close_all(values))
         if first_error is not None and exc_type is None:
             raise first_error
 
@@ -121,16 +106,7 @@ class scope:
         if key is None:
             raise RuntimeError("this greenscope.scope() is not open")
         values = key.end()
-        restored = set()
-        for var, token in reversed(self._var_tokens):
-            _reset(var, token)
-            restored.add(var)
-        for registry in list(_all_registries):  # registries created inside the scope
-            var = registry._var
-            if var is not None and var not in restored and var.get() is not None:
-                var.set(None)
-        if self._scope_token is not None:
-            _reset(scope_var, self._scope_token)
+        restore(self._var_tokens, self._scope_token)
         self._key = self._scope_token = None
         self._var_tokens = []
         return values
@@ -274,6 +250,24 @@ async def _close_all(values: List[Any]) -> Optional[BaseException]:
             _closing.log.exception("greenscope: error closing %r at scope exit", value)
             first_error = first_error or error
     return first_error
+
+
+def restore(
+    var_tokens: List[Tuple[contextvars.ContextVar[Any], contextvars.Token[Any]]],
+    scope_token: Optional[contextvars.Token[Optional[ScopeKey]]],
+) -> None:
+    """Leave a scope's context as it was entered: reset the registries' cached sessions it
+    hid, clear those cached inside it (registries created there too), reset the scope."""
+    restored = set()
+    for var, token in reversed(var_tokens):
+        _reset(var, token)
+        restored.add(var)
+    for registry in list(_all_registries):
+        var = registry._var
+        if var is not None and var not in restored and var.get() is not None:
+            var.set(None)
+    if scope_token is not None:
+        _reset(scope_var, scope_token)
 
 
 def _reset(var: contextvars.ContextVar[Any], token: contextvars.Token[Any]) -> None:
