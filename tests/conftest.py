@@ -229,6 +229,15 @@ class GunicornApp:
         return self.log_path.read_text(errors="replace")
 
 
+def no_control_socket() -> List[str]:
+    """``--no-control-socket`` on gunicorn 25.1+ (no control socket under ``$HOME``); older
+    releases (the gunicorn floor, 23.0) lack the option and make no socket."""
+    from gunicorn.config import KNOWN_SETTINGS
+
+    known = any("--no-control-socket" in (getattr(s, "cli", None) or []) for s in KNOWN_SETTINGS)
+    return ["--no-control-socket"] if known else []
+
+
 @contextlib.contextmanager
 def gunicorn_app(
     app_dir: Path,
@@ -252,7 +261,7 @@ def gunicorn_app(
     full_env["GREENSCOPE_PG_URL"] = PG_URL
     full_env.update(env or {})
     log_path = app_dir / f"gunicorn-{port}.log"
-    command = [sys.executable, "-m", "gunicorn", "--no-control-socket", *args]
+    command = [sys.executable, "-m", "gunicorn", *no_control_socket(), *args]
     command += ["-b", f"127.0.0.1:{port}", "--graceful-timeout", "5"]
     command += ["--pythonpath", str(app_dir), app]
     with open(log_path, "wb") as log:

@@ -169,7 +169,7 @@ def test_nullpool_does_not_save_a_scoped_session_that_forgets_remove(
 
 
 ASYNCPG_SCENARIO = """
-import asyncio, json, sys
+import asyncio, json, sys, uuid
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
@@ -178,8 +178,13 @@ from greenscope.asyncio import async_scoped_session, wait_closed
 
 port, caches = int(sys.argv[1]), sys.argv[2]
 kwargs = {}
-if caches == "off":  # asyncpg's statement cache and SQLAlchemy's prepared-statement cache
-    kwargs["connect_args"] = {"statement_cache_size": 0, "prepared_statement_cache_size": 0}
+if caches == "off":  # asyncpg's statement cache and SQLAlchemy's prepared-statement cache, and
+    # names unique across client connections (asyncpg 0.29 numbers them per connection)
+    kwargs["connect_args"] = {
+        "statement_cache_size": 0,
+        "prepared_statement_cache_size": 0,
+        "prepared_statement_name_func": lambda: f"__asyncpg_{uuid.uuid4()}__",
+    }
 
 
 async def main():

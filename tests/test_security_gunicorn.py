@@ -29,7 +29,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 import sqlalchemy as sa
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, no_control_socket
 
 pytestmark = pytest.mark.postgres
 
@@ -71,7 +71,7 @@ def _gunicorn(
     env["GREENSCOPE_SECURE_MIDDLEWARE"] = "1" if middleware else "0"
     command = [sys.executable, "-m", "gunicorn", "-k", "gevent", "-c", "python:greenscope.gunicorn"]
     command += ["-w", "1", "-b", f"{HOST}:{port}", "--graceful-timeout", "5", "--keep-alive", "30"]
-    command += ["--no-control-socket"] if _has_control_socket_option() else []
+    command += no_control_socket()
     command += ["--preload"] if preload else []
     command += ["--pythonpath", str(ROOT / "tests"), "apps.secure_app:app"]
     log_fd, log_path = tempfile.mkstemp(prefix="greenscope-secure-", suffix=".log")
@@ -108,12 +108,6 @@ def _gunicorn(
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=10)
         os.unlink(log_path)
-
-
-def _has_control_socket_option() -> bool:
-    from gunicorn.config import KNOWN_SETTINGS
-
-    return any(getattr(s, "cli", None) and "--no-control-socket" in s.cli for s in KNOWN_SETTINGS)
 
 
 def _seed(pg_url: str, table: str) -> List[str]:

@@ -218,8 +218,10 @@ async def astream(request: Request, delay: float = 0.0) -> StreamingResponse:
     session = ADB()
     pid = (await session.execute(sa.text("select pg_backend_pid()"))).scalar_one()
     spec = request.scope.get("asgi", {}).get("spec_version", "2.0")
+    endpoint_task = asyncio.current_task()
 
-    async def body() -> AsyncIterator[bytes]:  # a child task under ASGI spec < 2.4
+    # a child task of Starlette's under ASGI spec < 2.4, and always on Starlette 0.36.3 (the floor)
+    async def body() -> AsyncIterator[bytes]:
         for _ in range(3):
             now = (await session.execute(sa.text("select pg_backend_pid()"))).scalar_one()
             yield _chunk(
@@ -229,6 +231,7 @@ async def astream(request: Request, delay: float = 0.0) -> StreamingResponse:
                 first_pid=pid,
                 closed=session.serial in closed,
                 spec=spec,
+                in_request_task=asyncio.current_task() is endpoint_task,
             )
             if delay:
                 await asyncio.sleep(delay)
@@ -304,7 +307,9 @@ async def ws(websocket: WebSocket) -> None:
 
 
 @app.get("/stats", response_model=None)
-def stats() -> Dict[str, Any]:
+async def stats() -> Dict[str, Any]:
+    # on the loop: SQLAlchemy 2.0.38's async pool makes its asyncio.Queue on first use, which on
+    # CPython 3.9 needs the thread's event loop (a threadpool `def` endpoint has none)
     return {
         "checked_out": engine.pool.checkedout(),  # type: ignore[attr-defined]
         "async_checked_out": async_engine.pool.checkedout(),  # type: ignore[attr-defined]
