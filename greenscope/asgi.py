@@ -173,17 +173,16 @@ async def _close_all(values: List[Any]) -> None:
                 pending.append((value, loop.run_in_executor(None, close)))
         except Exception:
             _closing.log.exception("greenscope: error closing %r at request end", value)
-    if not pending:
-        return
-
-    async def gather_and_log() -> None:
-        results = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
-        for (value, _), result in zip(pending, results):
-            if isinstance(result, BaseException):
-                _closing.log.error(
-                    "greenscope: error closing %r at request end",
-                    value,
-                    exc_info=(type(result), result, result.__traceback__),
-                )
-
-    await _closing.to_the_end(gather_and_log())
+    # Each close already runs (a task, an executor job): wait for each to its end in turn. No
+    # gather and no task of our own: a request's extra allocations are what sets how often the
+    # cyclic GC runs under load (measured: docs/performance.md).
+    cancelled: Optional[BaseException] = None
+    for value, future in pending:
+        try:
+            await _closing.to_the_end(future)
+        except asyncio.CancelledError as error:  # raised once that close has finished
+            cancelled = error
+        except Exception:
+            _closing.log.exception("greenscope: error closing %r at request end", value)
+    if cancelled is not None:
+        raise cancelled

@@ -557,6 +557,48 @@ def test_app_cancelled_mid_request_closes_its_sessions(Db: Any) -> None:
     assert len(Db.registry) == 0
 
 
+class SlowClose(Session):
+    finished: ClassVar[List[Any]] = []
+
+    def close(self) -> None:
+        time.sleep(0.2)  # a slow ROLLBACK, in the loop's executor
+        super().close()
+        SlowClose.finished.append(self)
+
+
+def test_cancelled_while_closing_finishes_every_close_then_raises(tmp_path: Path) -> None:
+    """A cancellation (a server's request timeout) arriving while the request's sessions
+    close: every close runs to its end, connections back in the pool, then it is raised."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'slow.db'}")  # QueuePool: checkedout()
+    first = greenscope.scoped_session(sessionmaker(engine, class_=SlowClose))
+    second = greenscope.scoped_session(sessionmaker(engine, class_=SlowClose))
+    SlowClose.finished = []
+    seen: Dict[str, Any] = {}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen["sessions"] = [first(), second()]
+        for session in seen["sessions"]:
+            session.execute(text("select 1"))  # in a transaction: closed off the loop
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().call_later(0.05, task.cancel)
+        await respond(send)
+
+    async def main() -> None:
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.create_task(serve(app)())
+        seen["finished_when_raised"] = list(SlowClose.finished)
+        seen["checked_out"] = engine.pool.checkedout()  # type: ignore[attr-defined]
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.dispose()
+    assert sorted(map(id, seen["finished_when_raised"])) == sorted(map(id, seen["sessions"]))
+    assert seen["checked_out"] == 0
+    assert len(first.registry) == len(second.registry) == 0
+
+
 def test_lifespan_passes_through_without_a_scope() -> None:
     seen: List[Any] = []
 
