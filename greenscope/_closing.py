@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from typing import Any, Awaitable, List, Optional, TypeVar
+from typing import Any, Awaitable, Dict, List, Optional, TypeVar
 
 _T = TypeVar("_T")
 
@@ -55,8 +55,18 @@ def close_now(value: Any, origin: Optional[str] = None) -> Optional[Awaitable[An
 
 
 def is_async_close(value: Any) -> bool:
-    """True when ``value.close`` is a coroutine function (``AsyncSession``)."""
-    return inspect.iscoroutinefunction(getattr(value, "close", None))
+    """True when ``value.close`` is a coroutine function (``AsyncSession``). Asked at every
+    task's end: answered once per class, unless the instance has a ``close`` of its own."""
+    cls = type(value)
+    found = _async_close.get(cls)
+    if found is None or "close" in getattr(value, "__dict__", ()):
+        found = inspect.iscoroutinefunction(getattr(value, "close", None))
+        if "close" not in getattr(value, "__dict__", ()):
+            _async_close[cls] = found
+    return found
+
+
+_async_close: Dict[type, bool] = {}
 
 
 def discard(awaitable: Awaitable[Any], value: Any) -> None:

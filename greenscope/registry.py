@@ -353,7 +353,7 @@ class WeakScopeRegistry(ScopedRegistry[_T], Generic[_T]):
                 "Call it from a coroutine running on an event loop, or open "
                 "`async with greenscope.scope():` first."
             )
-        if _is_identity_key(key):
+        if _identity_types.get(type(key)) or _is_identity_key(key):  # the first: a known type
             return True
         try:
             hash(key)

@@ -198,7 +198,14 @@ def current_scope() -> object:
         ...     greenscope.current_scope() is key
         True
     """
-    owner = current_owner()
+    owner: object = None  # current_owner(), inlined: this is every miss's scopefunc
+    loop = _get_running_loop()
+    if loop is not None:
+        task = _current_task(loop)
+        if task is not None and _acts_for(task):
+            owner = task
+    if owner is None:
+        owner = getcurrent()
     key = scope_var.get()
     if key is not None:
         if key.owner is owner:

@@ -98,8 +98,7 @@ def attach(key: Any, entry: Ending) -> Tuple[Unwatch, Optional[Home], bool]:
     """
     kind = _kind(type(key))
     if kind == _GEVENT:  # the churn case: checked first
-        gevent.watch(key, entry)
-        return gevent.unwatch, gevent.home_if_running() or home_here(), True
+        return gevent.unwatch, gevent.watch(key, entry) or home_here(), True
     if kind == _SCOPE:
         if not key.add_end(entry.scope_ended):  # a scope handed off to this thread ended
             raise ScopeEnded

@@ -16,6 +16,8 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable, Optional
 
+from greenlet import getcurrent
+
 from .green import HubHome
 
 __all__ = ["GeventHome", "greenlet_type", "home_if_running", "unwatch", "watch"]
@@ -27,9 +29,13 @@ def greenlet_type() -> Optional[type]:
     return None if module is None else module.Greenlet
 
 
-def watch(glet: Any, entry: Any) -> None:
-    """Call ``entry.ended(glet)`` in the hub when ``glet`` finishes."""
+def watch(glet: Any, entry: Any) -> Optional[GeventHome]:
+    """Call ``entry.ended(glet)`` in the hub when ``glet`` finishes; return that hub's home.
+
+    A gevent ``Greenlet``'s parent is its thread's hub, and only hubs carry a home: found there
+    without a lookup once the hub has one (the churn path)."""
     glet.rawlink(entry.ended)
+    return getattr(glet.parent, "_greenscope_home", None) or home_if_running()
 
 
 def unwatch(glet: Any, entry: Any) -> None:
@@ -45,7 +51,8 @@ class GeventHome(HubHome):
         return sys.modules["gevent"].spawn(fn)
 
     def here(self) -> bool:
-        return _current_hub() is self.hub
+        hub = self.hub  # a link runs in the hub itself: no lookup then
+        return getcurrent() is hub or _current_hub() is hub
 
     def wake(self, fn: Callable[[], None]) -> Optional[Callable[[], None]]:
         loop = self.hub.loop

@@ -81,7 +81,9 @@ class HubHome:
                 except IndexError:
                     break
                 self.busy = True
-                threads.close(value, origin)
+                awaitable = _closing.close_now(value, origin)  # threads.close, inlined
+                if awaitable is not None:
+                    _closing.discard(awaitable, value)
                 if self.closer is me:
                     self.busy = False
         finally:
