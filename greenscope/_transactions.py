@@ -45,7 +45,8 @@ def began_at(session: Any) -> Optional[float]:
 
         >>> from sqlalchemy import create_engine, text
         >>> from sqlalchemy.orm import Session
-        >>> session = Session(create_engine("sqlite://"))
+        >>> engine = create_engine("sqlite://")
+        >>> session = Session(engine)
         >>> began_at(session) is None
         True
         >>> _ = session.execute(text("select 1"))
@@ -54,6 +55,7 @@ def began_at(session: Any) -> Optional[float]:
         >>> session.commit()
         >>> began_at(session) is None
         True
+        >>> session.close(); engine.dispose()
     """
     session = getattr(session, "sync_session", session)
     get_transaction = getattr(session, "get_transaction", None)

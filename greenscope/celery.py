@@ -29,7 +29,8 @@ Example::
     >>> import greenscope, greenscope.celery
     >>> app = Celery("example", broker="memory://", task_always_eager=True)
     >>> greenscope.celery.install(app)
-    >>> Session = greenscope.scoped_session(sessionmaker(create_engine("sqlite://")))
+    >>> engine = create_engine("sqlite://")
+    >>> Session = greenscope.scoped_session(sessionmaker(engine))
     >>> @app.task
     ... def job():
     ...     session = Session()  # no remove(): the task's scope closes it
@@ -37,6 +38,7 @@ Example::
     ...     return session.info["runs"]
     >>> job.delay().get(), job.delay().get()  # a new session each time
     (1, 1)
+    >>> engine.dispose()
 """
 
 from __future__ import annotations
