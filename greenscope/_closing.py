@@ -57,12 +57,12 @@ def close_now(value: Any, origin: Optional[str] = None) -> Optional[Awaitable[An
 def is_async_close(value: Any) -> bool:
     """True when ``value.close`` is a coroutine function (``AsyncSession``). Asked at every
     task's end: answered once per class, unless the instance has a ``close`` of its own."""
-    cls = type(value)
-    found = _async_close.get(cls)
-    if found is None or "close" in getattr(value, "__dict__", ()):
+    own = "close" in getattr(value, "__dict__", ())
+    found = None if own else _async_close.get(type(value))
+    if found is None:
         found = inspect.iscoroutinefunction(getattr(value, "close", None))
-        if "close" not in getattr(value, "__dict__", ()):
-            _async_close[cls] = found
+        if not own:
+            _async_close[type(value)] = found
     return found
 
 
@@ -78,10 +78,10 @@ def discard(awaitable: Awaitable[Any], value: Any) -> None:
 
 
 async def to_the_end(awaitable: Awaitable[_T]) -> _T:
-    """Await ``awaitable`` in a task of its own until it finishes, even if the caller is
-    cancelled meanwhile (a request timeout), as SQLAlchemy's ``AsyncSession.__aexit__`` does;
-    the cancellation is raised once it has finished. A close cut short would leave the rest of
-    the sessions holding their connections until the GC runs."""
+    """Await ``awaitable`` (in a task of its own, unless it already is a future) until it
+    finishes, even if the caller is cancelled meanwhile (a request timeout), as SQLAlchemy's
+    ``AsyncSession.__aexit__`` does; the cancellation is raised once it has finished. A close
+    cut short would leave the rest of the sessions holding their connections until the GC runs."""
     future = asyncio.ensure_future(awaitable)
     cancelled: Optional[BaseException] = None
     while True:

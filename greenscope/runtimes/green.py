@@ -81,9 +81,7 @@ class HubHome:
                 except IndexError:
                     break
                 self.busy = True
-                awaitable = _closing.close_now(value, origin)  # threads.close, inlined
-                if awaitable is not None:
-                    _closing.discard(awaitable, value)
+                threads.close(value, origin)
                 if self.closer is me:
                     self.busy = False
         finally:
