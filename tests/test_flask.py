@@ -182,19 +182,24 @@ def _bypass_teardown(app: Flask, db: flask_sqlalchemy.SQLAlchemy) -> None:
     app.teardown_appcontext_funcs.remove(db._teardown_session)
 
 
+_STOCK_REQUESTS = 200
+
+
 def test_stock_flask_sqlalchemy_hands_a_dead_requests_session_to_a_new_request(
     tmp_path: Path,
 ) -> None:
     """Flask-SQLAlchemy 3 keys on ``id(app_ctx)``: freed contexts' ids are reused."""
     db = flask_sqlalchemy.SQLAlchemy()
-    app = make_app(db, tmp_path / "g.db")
+    app = make_app(db, tmp_path / "g.db", pool_size=_STOCK_REQUESTS + 1)
     _bypass_teardown(app, db)
     client = app.test_client()
-    for _ in range(20):
-        assert client.get("/").status_code == 200
     seen = app.extensions["seen"]
-    inherited = sum(1 for _, was_inherited in seen if was_inherited)
-    assert inherited > 0  # measured: 8 to 12 of 20 over three runs
+    # Whether a freed context's address is reused depends on the heap: the first inherited
+    # session came at request 2 to 15 (CPython 3.10 and 3.11, ten runs each), and a CI run of
+    # the whole suite once saw none in 20 requests, so go on until one is seen.
+    while len(seen) < _STOCK_REQUESTS and not any(inherited for _, inherited in seen):
+        assert client.get("/").status_code == 200
+    assert any(inherited for _, inherited in seen), f"no id reused in {len(seen)} requests"
     assert checked_out(app, db) > 1  # and the others were never closed
 
 
