@@ -69,6 +69,65 @@ def is_async_close(value: Any) -> bool:
 _async_close: Dict[type, bool] = {}
 
 
+def closed_if_idle(value: Any) -> bool:
+    """Close ``value`` here and return True if its close can do no I/O and run no user code:
+    a ``Session`` or ``AsyncSession`` of a class that keeps SQLAlchemy's own ``close()``, with no
+    transaction (so no connection) and no objects (so no event fires). Anything else, or any
+    doubt, is False: the caller hands the value to a place where closing may block.
+
+    Used where a scope ends by itself (a ``rawlink``, ``link()`` or done-callback, in the
+    owner's thread): a session that never ran a query is then closed there and then, without a
+    closer greenlet, task or executor job (the churn case of bench/churn.py). Never used in a
+    weakref callback: the GC may run it in any thread."""
+    kind = _idle_closer.get(type(value))
+    if kind is None:
+        kind = _plain_close(type(value))
+    if kind is False or "close" in getattr(value, "__dict__", ()):
+        return False
+    try:
+        session = value
+        if kind is _ASYNC:
+            session = value.sync_session
+            if _plain_close(type(session)) is not True or "close" in session.__dict__:
+                return False
+        if (
+            session._transaction is not None
+            or session._new
+            or session._deleted
+            or len(session.identity_map)
+        ):
+            return False
+        session.close()
+    except Exception:  # never raised here: the caller's closer closes it again, and logs
+        return False
+    return True
+
+
+_ASYNC = "async"
+#: type -> True (a plain Session class), _ASYNC (a plain AsyncSession class), False (other)
+_idle_closer: Dict[type, Any] = {}
+
+
+def _plain_close(cls: type) -> Any:
+    found = _idle_closer.get(cls)
+    if found is not None:
+        return found
+    from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.orm import Session
+
+    if issubclass(cls, Session):
+        found = all(
+            getattr(cls, name) is getattr(Session, name)
+            for name in ("close", "_close_impl", "expunge_all")
+        )
+    elif issubclass(cls, AsyncSession):
+        found = _ASYNC if cls.close is AsyncSession.close else False
+    else:
+        found = False
+    _idle_closer[cls] = found
+    return found
+
+
 def discard(awaitable: Awaitable[Any], value: Any) -> None:
     """Drop an async close that can no longer run (its loop is gone) without a warning."""
     close = getattr(awaitable, "close", None)

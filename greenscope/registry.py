@@ -100,18 +100,24 @@ class _Entry(weakref.ref):  # type: ignore[type-arg]
     #: takes the end hook off the key again (for clear(): ``unhook(key, entry)``)
     unhook: Optional[Callable[[Any, Any], None]]
 
-    def ended(self, *_args: Any) -> None:
+    def ended(self, *args: Any) -> None:
         """The scope ended by itself: a gevent ``rawlink`` or eventlet ``link()`` (the greenlet),
         a task's done-callback (the task), the weakref callback (this entry). Runs in a hub,
-        loop or GC callback: drop the entry, hand the value to its home, nothing more."""
+        loop or GC callback: drop the entry and hand the value to its home. Only a close that
+        can do no I/O (:func:`greenscope._closing.closed_if_idle`) runs here, and only in an end
+        hook (it passes its greenlet or task), which runs in the owner's thread: the weakref
+        callback passes nothing, and the GC may run it in any thread."""
         registry = self.registry_ref()
         if registry is not None and registry._entries.get(self.key_id) is self:
             del registry._entries[self.key_id]
             home, origin = self.home, self.origin
             value = self.kill()
             registry.ended_without_remove += 1
-            if value is not None:
-                (home or runtimes.home_here()).close_soon(value, origin)
+            if value is None:
+                return
+            if origin is None and args and _closing.closed_if_idle(value):
+                return
+            (home or runtimes.home_here()).close_soon(value, origin)
 
     def taken(self) -> Any:
         """The end hook of a thread: drop the entry, return ``(value, origin)`` for the ending

@@ -18,12 +18,16 @@ from typing import Any, Dict, List, Optional
 
 import gevent
 import pytest
+from greenlet import getcurrent
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 import greenscope
 from greenscope.asyncio import async_scoped_session, wait_closed
 from greenscope.runtimes import aio
+from greenscope.runtimes.gevent import GeventHome
 
 
 class FakeAsyncSession:
@@ -245,3 +249,141 @@ def test_a_session_in_a_transaction_gets_a_closer_of_its_own_at_once() -> None:
     assert len(closed) == 4
     assert plain[0].closed_by == plain[1].closed_by
     assert len({v.closed_by[0] for v in [plain[0], *busy]}) == 3
+
+
+# -- a close that can do no I/O runs in the end hook itself ---------------------------------
+
+
+class Item(DeclarativeBase):
+    pass
+
+
+class Row(Item):
+    __tablename__ = "rows"
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+
+def _spawned_closers(monkeypatch: pytest.MonkeyPatch) -> List[Any]:
+    spawned: List[Any] = []
+    real = GeventHome.spawn
+
+    def spawn(self: GeventHome, fn: Any) -> Any:
+        glet = real(self, fn)
+        spawned.append(glet)
+        return glet
+
+    monkeypatch.setattr(GeventHome, "spawn", spawn)
+    return spawned
+
+
+def test_a_greenlets_session_that_never_queried_is_closed_in_its_end_hook(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No transaction (no connection) and no objects: its close() is bookkeeping only, done in
+    # the greenlet's link, without a closer greenlet (the churn case; before: one per burst).
+    spawned = _spawned_closers(monkeypatch)
+    Scoped = greenscope.scoped_session(
+        sessionmaker(create_engine("sqlite://"), close_resets_only=False)
+    )
+    glets = [gevent.spawn(Scoped) for _ in range(20)]
+    gevent.joinall(glets)
+    gevent.sleep(0)
+    for glet in glets:
+        with pytest.raises(InvalidRequestError, match="permanently closed"):
+            glet.value.execute(text("select 1"))
+    assert spawned == []
+    assert len(Scoped.registry) == 0
+    assert Scoped.registry.ended_without_remove == 20
+
+
+def test_a_close_that_may_do_io_or_run_listeners_never_runs_in_the_hub(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A transaction (a ROLLBACK to send), pending objects (their events fire user code) and a
+    # Session class with a close() of its own all go to a closer greenlet, as before.
+    spawned = _spawned_closers(monkeypatch)
+    engine = create_engine(f"sqlite:///{tmp_path / 'c.db'}")
+    Item.metadata.create_all(engine)
+    where: Dict[str, List[bool]] = {"rollback": [], "pending": [], "own close": []}
+    hub = gevent.get_hub()
+    event.listen(engine, "rollback", lambda conn: where["rollback"].append(getcurrent() is hub))
+
+    class OwnClose(Session):
+        def close(self) -> None:
+            where["own close"].append(getcurrent() is hub)
+            super().close()
+
+    factory = sessionmaker(engine)
+    event.listen(
+        factory, "pending_to_transient", lambda s, obj: where["pending"].append(getcurrent() is hub)
+    )
+    queried = greenscope.scoped_session(factory)
+    pending = greenscope.scoped_session(factory)
+    own = greenscope.scoped_session(sessionmaker(engine, class_=OwnClose))
+
+    def handler(n: int) -> None:
+        queried.execute(text("select 1"))
+        pending.add(Row(id=n))
+        own()
+
+    gevent.joinall([gevent.spawn(handler, n) for n in range(5)])
+    deadline = time.perf_counter() + 5
+    while engine.pool.checkedout() and time.perf_counter() < deadline:  # type: ignore[attr-defined]
+        gevent.sleep(0.01)
+    assert where == {"rollback": [False] * 5, "pending": [False] * 5, "own close": [False] * 5}
+    assert spawned  # the closer greenlet did it
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    engine.dispose()
+
+
+def test_a_tasks_session_that_never_queried_is_closed_without_a_closer_task(
+    tmp_path: Path,
+) -> None:
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'i.db'}")
+    Scoped = async_scoped_session(async_sessionmaker(engine, close_resets_only=False))
+    sync_factory = sessionmaker(create_engine("sqlite://"), close_resets_only=False)
+    SyncScoped = greenscope.scoped_session(sync_factory)
+
+    async def handler() -> Any:
+        return Scoped(), SyncScoped()  # a sync Session too: no executor job for it
+
+    async def main() -> Dict[str, Any]:
+        pairs = await asyncio.gather(*(handler() for _ in range(20)))
+        await asyncio.sleep(0)  # the done-callbacks
+        homes = dict(aio._homes)
+        await wait_closed()
+        await engine.dispose()
+        return {"pairs": pairs, "homes": homes}
+
+    result = asyncio.run(main())
+    assert result["homes"] == {}  # no closer task, no executor job was ever needed
+    for async_session, sync_session in result["pairs"]:
+        for session in (async_session.sync_session, sync_session):
+            with pytest.raises(InvalidRequestError, match="permanently closed"):
+                session.execute(text("select 1"))
+    assert len(Scoped.registry) == 0 and len(SyncScoped.registry) == 0
+
+
+class PendingSession(Session):
+    """A plain Session subclass (SQLAlchemy's own close()): only its events are listened to."""
+
+
+def test_a_tasks_session_with_pending_objects_is_closed_in_a_closer_task(tmp_path: Path) -> None:
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'p.db'}")
+    seen: List[Optional[asyncio.Task[Any]]] = []
+    event.listen(
+        PendingSession, "pending_to_transient", lambda s, obj: seen.append(asyncio.current_task())
+    )
+    Scoped = async_scoped_session(async_sessionmaker(engine, sync_session_class=PendingSession))
+
+    async def handler(n: int) -> None:
+        Scoped.add(Row(id=n))
+
+    async def main() -> None:
+        await asyncio.gather(*(handler(n) for n in range(3)))
+        await wait_closed()
+        await engine.dispose()
+
+    asyncio.run(main())
+    assert len(seen) == 3
+    assert all(isinstance(task, aio._CloseTask) for task in seen), seen
